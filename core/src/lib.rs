@@ -1,0 +1,8 @@
+//! Postgres-free core of mqtt_pg: the MQTT topic rules, reconnect backoff, generated client ids
+//! and the engine that owns the broker connections (rumqttc on tokio). Nothing here links
+//! against PostgreSQL, so `cargo test -p mqtt_pg_core` covers it in seconds.
+
+pub mod backoff;
+pub mod client_id;
+pub mod engine;
+pub mod topic;

@@ -1,0 +1,124 @@
+-- mqtt_pg tables. Everything is created in the schema given to CREATE EXTENSION (@extschema@)
+-- and referenced schema-qualified, so a caller's search_path never changes what runs.
+-- Table and column names follow Odoo's model conventions (mqtt.broker -> mqtt_broker).
+
+-- API: Public
+CREATE TABLE @extschema@.mqtt_broker (
+    id               serial PRIMARY KEY,
+    name             text NOT NULL UNIQUE CHECK (name <> ''),
+    host             text NOT NULL CHECK (host <> ''),
+    port             integer NOT NULL DEFAULT 1883 CHECK (port BETWEEN 1 AND 65535),
+    username         text,
+    password         text,
+    use_tls          boolean NOT NULL DEFAULT false,
+    ca_cert          text,
+    client_cert      text,
+    client_key       text,
+    client_id        text CHECK (client_id <> ''),
+    keepalive        integer NOT NULL DEFAULT 60 CHECK (keepalive BETWEEN 5 AND 65535),
+    clean_session    boolean NOT NULL DEFAULT true,
+    reconnect_min_ms integer NOT NULL DEFAULT 500 CHECK (reconnect_min_ms >= 0),
+    reconnect_max_ms integer NOT NULL DEFAULT 30000 CHECK (reconnect_max_ms >= reconnect_min_ms),
+    is_default       boolean NOT NULL DEFAULT false,
+    active           boolean NOT NULL DEFAULT false,
+    create_date      timestamptz NOT NULL DEFAULT now(),
+    write_date       timestamptz NOT NULL DEFAULT now()
+);
+-- At most one default broker.
+CREATE UNIQUE INDEX mqtt_broker_one_default ON @extschema@.mqtt_broker (is_default) WHERE is_default;
+
+COMMENT ON TABLE @extschema@.mqtt_broker IS
+  'MQTT broker connections. active = true means the worker keeps a connection (survives restarts); see mqtt_start_listener().';
+COMMENT ON COLUMN @extschema@.mqtt_broker.name IS 'Unique name, passed as the broker argument of every mqtt_* function.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.password IS 'Broker password (secret).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.use_tls IS 'Connect with TLS (not supported by this version: the broker then reports an error).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.client_key IS 'PEM client key for mutual TLS (secret).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.client_id IS 'MQTT client id; NULL means a stable id derived from cluster, database and broker.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.keepalive IS 'MQTT keep-alive, seconds.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.clean_session IS 'Ask the broker for a clean session on every connect.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.reconnect_min_ms IS 'First reconnect delay after a failure, ms (grows exponentially, with jitter).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.reconnect_max_ms IS 'Longest reconnect delay, ms.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.is_default IS 'The broker used when a function gets broker => NULL (at most one).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.active IS 'The worker should keep a connection to this broker.';
+
+-- API: Public
+CREATE TABLE @extschema@.mqtt_topic (
+    id           serial PRIMARY KEY,
+    broker_id    integer NOT NULL REFERENCES @extschema@.mqtt_broker (id) ON DELETE CASCADE,
+    name         text NOT NULL CHECK (name <> ''),
+    description  text,
+    qos          smallint NOT NULL DEFAULT 0 CHECK (qos BETWEEN 0 AND 2),
+    retain       boolean NOT NULL DEFAULT false,
+    subscribe    boolean NOT NULL DEFAULT false,
+    handler      regprocedure,
+    target_table regclass,
+    active       boolean NOT NULL DEFAULT true,
+    create_date  timestamptz NOT NULL DEFAULT now(),
+    write_date   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (broker_id, name)
+);
+COMMENT ON TABLE @extschema@.mqtt_topic IS
+  'Topics and topic filters in use; rows with subscribe = true (and active) are the listener''s subscriptions.';
+COMMENT ON COLUMN @extschema@.mqtt_topic.name IS 'Topic name or filter (+ and # wildcards allowed for subscriptions).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.qos IS 'Subscription QoS (0, 1 or 2).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.subscribe IS 'Subscribe to this filter while the broker is active.';
+COMMENT ON COLUMN @extschema@.mqtt_topic.handler IS 'Reserved: function to route received messages to (not used by this version).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.target_table IS 'Reserved: table to route received messages to (not used by this version).';
+
+-- API: Public
+CREATE TABLE @extschema@.mqtt_message_history (
+    id          bigserial PRIMARY KEY,
+    broker_id   integer,
+    topic       text NOT NULL,
+    payload     bytea NOT NULL,
+    qos         smallint NOT NULL,
+    retain      boolean NOT NULL DEFAULT false,
+    direction   text NOT NULL CHECK (direction IN ('receive', 'send')),
+    message_id  integer,
+    "timestamp" timestamptz NOT NULL DEFAULT now()
+);
+-- No foreign key and one cheap BRIN index: this table takes the ingest rate.
+CREATE INDEX mqtt_message_history_timestamp ON @extschema@.mqtt_message_history USING brin ("timestamp");
+COMMENT ON TABLE @extschema@.mqtt_message_history IS
+  'Every message received (direction receive) and delivered (direction send). payload holds the exact bytes; see view mqtt_message_history_text for a text form.';
+COMMENT ON COLUMN @extschema@.mqtt_message_history.message_id IS 'MQTT packet id; NULL for QoS 0.';
+COMMENT ON COLUMN @extschema@.mqtt_message_history."timestamp" IS 'When the worker read the message (receive) or recorded its delivery (send).';
+
+-- API: Public (read it; the worker and mqtt_publish write it)
+CREATE TABLE @extschema@.mqtt_outbox (
+    id         bigserial PRIMARY KEY,
+    broker_id  integer NOT NULL REFERENCES @extschema@.mqtt_broker (id) ON DELETE CASCADE,
+    topic      text NOT NULL,
+    payload    bytea NOT NULL,
+    qos        smallint NOT NULL CHECK (qos BETWEEN 0 AND 2),
+    retain     boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX mqtt_outbox_broker ON @extschema@.mqtt_outbox (broker_id, id);
+COMMENT ON TABLE @extschema@.mqtt_outbox IS
+  'Committed messages waiting for delivery (the durable copy). A row leaves when the broker has it, and moves to mqtt_message_history with direction send.';
+
+-- API: Public
+CREATE TABLE @extschema@.mqtt_dead_letter (
+    id          bigserial PRIMARY KEY,
+    broker_id   integer,
+    topic       text NOT NULL,
+    payload     bytea NOT NULL,
+    qos         smallint NOT NULL,
+    retain      boolean NOT NULL DEFAULT false,
+    direction   text NOT NULL CHECK (direction IN ('receive', 'send')),
+    error       text NOT NULL,
+    "timestamp" timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE @extschema@.mqtt_dead_letter IS
+  'Messages that could not be delivered or stored, with the reason.';
+
+-- API: Private. Changes to brokers and topics wake the worker at commit, so edits made directly
+-- (as an Odoo model does) apply at once; the worker also re-reads them every mqtt_pg.poll_interval.
+CREATE FUNCTION @extschema@._mqtt_pg_config_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @extschema@._mqtt_pg_wake(2);
+    RETURN NULL;
+END
+$$;

@@ -1,0 +1,106 @@
+//! `mqtt_publish`: queue a message in the outbox inside the caller's transaction.
+//!
+//! The row is the durable copy: it becomes visible to the worker only if the transaction
+//! commits, and a commit callback wakes the worker at that moment, so there is neither a
+//! polling delay nor a message from a rolled-back transaction (or savepoint: its row is gone).
+
+use pgrx::prelude::*;
+
+use crate::api::broker;
+use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
+use crate::{catalog, gucs, shmem, wake};
+
+/// Queue a text payload (sent as its UTF-8 bytes).
+#[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
+fn mqtt_publish_text(
+    topic: Option<&str>,
+    payload: Option<&str>,
+    qos: default!(Option<i32>, 0),
+    retain: default!(Option<bool>, false),
+    broker: default!(Option<&str>, "NULL"),
+) -> i64 {
+    publish(topic, payload.map(str::as_bytes), qos, retain, broker)
+}
+
+/// Queue a binary payload, sent byte for byte.
+#[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
+fn mqtt_publish_bytea(
+    topic: Option<&str>,
+    payload: Option<&[u8]>,
+    qos: default!(Option<i32>, 0),
+    retain: default!(Option<bool>, false),
+    broker: default!(Option<&str>, "NULL"),
+) -> i64 {
+    publish(topic, payload, qos, retain, broker)
+}
+
+/// Validate, then insert one outbox row and arrange the wake-up at commit.
+pub fn publish(
+    topic: Option<&str>,
+    payload: Option<&[u8]>,
+    qos: Option<i32>,
+    retain: Option<bool>,
+    broker: Option<&str>,
+) -> i64 {
+    let topic =
+        topic.unwrap_or_else(|| errors::raise(INVALID_PARAMETER, "topic must not be NULL", None));
+    if let Err(e) = mqtt_pg_core::topic::validate_topic(topic) {
+        errors::bad_topic("topic", topic, &e);
+    }
+    let payload = payload.unwrap_or_else(|| {
+        errors::raise(
+            INVALID_PARAMETER,
+            "payload must not be NULL",
+            Some("Pass '' for an empty message (which, retained, clears the topic's retained message)."),
+        )
+    });
+    let qos = match qos {
+        Some(q @ 0..=2) => q,
+        Some(q) => errors::bad_qos(q),
+        None => errors::raise(INVALID_PARAMETER, "qos must not be NULL", None),
+    };
+    let retain =
+        retain.unwrap_or_else(|| errors::raise(INVALID_PARAMETER, "retain must not be NULL", None));
+    let limit = gucs::max_payload_size();
+    if payload.len() > limit {
+        errors::raise(
+            PROGRAM_LIMIT,
+            format!(
+                "MQTT payload of {} bytes exceeds mqtt_pg.max_payload_size ({limit} bytes)",
+                payload.len()
+            ),
+            Some("Send a smaller payload, or raise mqtt_pg.max_payload_size (a superuser setting) if the broker accepts larger messages."),
+        );
+    }
+    let schema = catalog::schema();
+    let id = Spi::connect_mut(|client| {
+        let b = broker::resolve(client, &schema, broker);
+        // Access control (mqtt_access_control) will be checked here, once for every publish.
+        client
+            .update(
+                &format!(
+                    "INSERT INTO {schema}.mqtt_outbox (broker_id, topic, payload, qos, retain) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id"
+                ),
+                None,
+                &[
+                    b.id.into(),
+                    topic.into(),
+                    payload.into(),
+                    (qos as i16).into(),
+                    retain.into(),
+                ],
+            )
+            .ok()
+            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+    });
+    let id = id.unwrap_or_else(|| {
+        errors::raise(
+            errors::NOT_IN_PREREQUISITE_STATE,
+            "could not queue the message in mqtt_outbox",
+            None,
+        )
+    });
+    wake::wake_at_commit(shmem::WAKE_OUTBOX);
+    id
+}

@@ -1,0 +1,79 @@
+//! Catalog look-ups the extension needs: its own schema, and the list of databases.
+
+use std::cell::RefCell;
+
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+
+use crate::errors;
+
+thread_local! {
+    /// (extension oid, quoted schema). Keyed by oid so a DROP/CREATE EXTENSION is noticed.
+    static SCHEMA: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
+}
+
+/// The quoted schema mqtt_pg is installed in, for building schema-qualified SQL: a caller's
+/// search_path must never change what the extension runs. None if it is not installed here.
+pub fn extension_schema() -> Option<String> {
+    // SAFETY: get_extension_oid only reads the catalog; missing_ok = true never raises.
+    let oid = unsafe { pg_sys::get_extension_oid(c"mqtt_pg".as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        return None;
+    }
+    if let Some(s) = SCHEMA.with(|c| {
+        c.borrow()
+            .as_ref()
+            .and_then(|(o, s)| (*o == oid).then(|| s.clone()))
+    }) {
+        return Some(s);
+    }
+    let name: Option<String> = Spi::get_one_with_args(
+        "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+         WHERE e.oid OPERATOR(pg_catalog.=) $1",
+        &[oid.into()],
+    )
+    .ok()
+    .flatten();
+    let quoted = quote_identifier(name?);
+    SCHEMA.with(|c| *c.borrow_mut() = Some((oid, quoted.clone())));
+    Some(quoted)
+}
+
+/// The schema, or an error saying the extension is not installed in this database.
+pub fn schema() -> String {
+    extension_schema().unwrap_or_else(|| {
+        errors::raise(
+            errors::NOT_IN_PREREQUISITE_STATE,
+            "extension \"mqtt_pg\" is not installed in this database",
+            Some("Run CREATE EXTENSION mqtt_pg;"),
+        )
+    })
+}
+
+/// Databases a worker may connect to, read straight from the shared catalog `pg_database`: the
+/// launcher is connected to no database, so it cannot run SQL (autovacuum's launcher does the
+/// same). Must run inside a transaction.
+pub fn database_oids() -> Vec<u32> {
+    let mut out = Vec::new();
+    // SAFETY: a plain catalog heap scan under AccessShareLock inside a transaction, as
+    // autovacuum's get_database_list() does; every tuple is a pg_database row.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as _);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
+            // datconnlimit -2 marks a database whose DROP was interrupted: unusable.
+            if (*form).datallowconn && !(*form).datistemplate && (*form).datconnlimit != -2 {
+                out.push((*form).oid.to_u32());
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
+    }
+    out
+}

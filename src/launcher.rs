@@ -1,0 +1,168 @@
+//! The launcher: one static background worker that starts a worker per database.
+//!
+//! A background worker connects to exactly one database, and mqtt_pg serves every database it
+//! is installed in, so a launcher (connected to none, like autovacuum's) watches `pg_database`
+//! and the slots in shared memory. At start it probes every database once; afterwards a
+//! database gets a worker when a backend there asks for one (any mqtt_pg call or configuration
+//! change wakes it through `wake::wake_now`). A worker that dies is started again after a pause;
+//! one that finds no extension is left alone until asked.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
+    SignalWakeFlags,
+};
+use pgrx::prelude::*;
+
+use crate::catalog;
+use crate::shmem::{self, DbState, MAX_DATABASES, SHARED};
+
+/// Pause before starting a worker again after it stopped unexpectedly.
+const RESTART_DELAY_US: i64 = 5_000_000;
+/// The launcher looks at its workers at least this often even when nobody wakes it.
+const NAPTIME: Duration = Duration::from_secs(10);
+
+/// Register the launcher; called from `_PG_init` while shared_preload_libraries is loading.
+pub fn register() {
+    BackgroundWorkerBuilder::new("mqtt_pg launcher")
+        .set_type("mqtt_pg launcher")
+        .set_library("mqtt_pg")
+        .set_function("mqtt_pg_launcher_main")
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Is the worker behind this slot still alive?
+fn alive(handle: Option<&DynamicBackgroundWorker>, pid: i32) -> bool {
+    match handle {
+        Some(h) => match h.pid() {
+            Ok(_) => true,
+            Err(BackgroundWorkerStatus::NotYetStarted) => true,
+            Err(_) => false,
+        },
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        None => pid > 0 && unsafe { libc::kill(pid, 0) } == 0,
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    SHARED.exclusive().launcher_latch = shmem::my_latch();
+    log!("mqtt_pg launcher started");
+
+    let mut handles: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
+    let mut first = true;
+    loop {
+        let databases = BackgroundWorker::transaction(catalog::database_oids);
+        let now = shmem::now_us();
+        let mut to_start = Vec::new();
+        let mut next_wake = NAPTIME;
+        {
+            let mut shared = SHARED.exclusive();
+            if first {
+                // After a (re)start nobody remembers which databases use mqtt_pg: ask each.
+                for &oid in &databases {
+                    if let Some(slot) = shared.db_claim(oid) {
+                        if slot.state == DbState::Free || slot.state == DbState::NoExtension {
+                            slot.state = DbState::Wanted;
+                        }
+                    }
+                }
+            }
+            for slot in shared.dbs.iter_mut() {
+                if slot.state == DbState::Free {
+                    continue;
+                }
+                if !databases.contains(&slot.dboid) {
+                    handles.remove(&slot.dboid);
+                    slot.clear();
+                    continue;
+                }
+                match slot.state {
+                    DbState::Starting | DbState::Running
+                        if !alive(handles.get(&slot.dboid), slot.pid) =>
+                    {
+                        // It stopped without saying it found no extension: an error, a crash or
+                        // pg_terminate_backend. Start it again after a pause.
+                        handles.remove(&slot.dboid);
+                        slot.state = DbState::Wanted;
+                        slot.pid = 0;
+                        slot.latch = 0;
+                        slot.not_before_us = now + RESTART_DELAY_US;
+                    }
+                    _ => {}
+                }
+                if slot.state == DbState::Wanted {
+                    if slot.not_before_us <= now {
+                        slot.state = DbState::Starting;
+                        to_start.push(slot.dboid);
+                    } else {
+                        let wait = Duration::from_micros((slot.not_before_us - now) as u64);
+                        next_wake = next_wake.min(wait);
+                    }
+                }
+            }
+            if shared.dbs.iter().all(|d| d.state != DbState::Free)
+                && databases.len() > MAX_DATABASES
+            {
+                warning!(
+                    "mqtt_pg serves at most {MAX_DATABASES} databases; some databases get no worker"
+                );
+            }
+        }
+        first = false;
+
+        for oid in to_start {
+            match start_worker(oid) {
+                Ok(handle) => {
+                    handles.insert(oid, handle);
+                }
+                Err(()) => {
+                    warning!(
+                        "mqtt_pg could not start a worker for database {oid}: no background worker slot is free; raise max_worker_processes"
+                    );
+                    if let Some(slot) = SHARED.exclusive().db_mut(oid) {
+                        slot.state = DbState::Wanted;
+                        slot.not_before_us = shmem::now_us() + RESTART_DELAY_US;
+                    }
+                    next_wake = next_wake.min(Duration::from_micros(RESTART_DELAY_US as u64));
+                }
+            }
+        }
+
+        if !BackgroundWorker::wait_latch(Some(next_wake)) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: reloading the configuration file is what a SIGHUP asks every process to do.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    SHARED.exclusive().launcher_latch = 0;
+    log!("mqtt_pg launcher stopped");
+}
+
+fn start_worker(dboid: u32) -> Result<DynamicBackgroundWorker, ()> {
+    // SAFETY: MyProcPid is set in every process.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    BackgroundWorkerBuilder::new(&format!("mqtt_pg worker for database {dboid}"))
+        .set_type("mqtt_pg worker")
+        .set_library("mqtt_pg")
+        .set_function("mqtt_pg_worker_main")
+        .enable_spi_access()
+        .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(dboid)))
+        // Tells the postmaster to set our latch when the worker starts or stops.
+        .set_notify_pid(my_pid)
+        .load_dynamic()
+        .map_err(|_| ())
+}

@@ -1,0 +1,108 @@
+//! Reading `mqtt_broker` and `mqtt_topic` into what the engine needs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mqtt_pg_core::engine::{BrokerConfig, MQTT_MAX_PACKET};
+use pgrx::prelude::*;
+
+use crate::api::listener::client_id_for;
+
+/// One active broker as configured.
+pub struct Loaded {
+    pub id: i32,
+    /// None when the row asks for something this build cannot do; `problem` says what.
+    pub config: Option<BrokerConfig>,
+    pub subs: BTreeMap<String, u8>,
+    /// Shown as the broker's last error: a setting that cannot be honoured, a bad filter.
+    pub problem: Option<String>,
+}
+
+/// Load every active broker with its active subscriptions. Runs inside a transaction.
+pub fn load(schema: &str) -> Vec<Loaded> {
+    let mut out: Vec<Loaded> = Vec::new();
+    Spi::connect(|client| {
+        let rows = client.select(
+            &format!(
+                "SELECT id, name, host, port, username, password, use_tls, client_id, keepalive, \
+                 clean_session, reconnect_min_ms, reconnect_max_ms \
+                 FROM {schema}.mqtt_broker WHERE active ORDER BY id"
+            ),
+            None,
+            &[],
+        );
+        let Ok(rows) = rows else { return };
+        for row in rows {
+            let get_i = |n| row.get::<i32>(n).ok().flatten().unwrap_or(0);
+            let get_s = |n| row.get::<String>(n).ok().flatten();
+            let get_b = |n| row.get::<bool>(n).ok().flatten().unwrap_or(false);
+            let id = get_i(1);
+            let name = get_s(2).unwrap_or_default();
+            let client_id = client_id_for(id, get_s(8));
+            let mut problem = None;
+            let port = u16::try_from(get_i(4)).unwrap_or(0);
+            let config = if get_b(7) {
+                problem = Some(
+                    "TLS connections are not supported by this build yet (mqtt_broker.use_tls)"
+                        .to_string(),
+                );
+                None
+            } else if port == 0 {
+                problem = Some(format!("invalid port {} for broker \"{name}\"", get_i(4)));
+                None
+            } else {
+                Some(BrokerConfig {
+                    id,
+                    name,
+                    host: get_s(3).unwrap_or_default(),
+                    port,
+                    username: get_s(5),
+                    password: get_s(6),
+                    client_id,
+                    keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
+                    clean_session: get_b(10),
+                    max_packet_size: MQTT_MAX_PACKET,
+                    reconnect_min: Duration::from_millis(get_i(11).max(0) as u64),
+                    reconnect_max: Duration::from_millis(get_i(12).max(0) as u64),
+                    max_inflight: 100,
+                })
+            };
+            out.push(Loaded {
+                id,
+                config,
+                subs: BTreeMap::new(),
+                problem,
+            });
+        }
+        let subs = client.select(
+            &format!(
+                "SELECT t.id, t.broker_id, t.name, t.qos FROM {schema}.mqtt_topic t \
+                 WHERE t.subscribe AND t.active ORDER BY t.id"
+            ),
+            None,
+            &[],
+        );
+        let Ok(subs) = subs else { return };
+        for row in subs {
+            let topic_id = row.get::<i32>(1).ok().flatten().unwrap_or(0);
+            let broker_id = row.get::<i32>(2).ok().flatten().unwrap_or(0);
+            let filter = row.get::<String>(3).ok().flatten().unwrap_or_default();
+            let qos = row.get::<i16>(4).ok().flatten().unwrap_or(0).clamp(0, 2) as u8;
+            let Some(b) = out.iter_mut().find(|b| b.id == broker_id) else {
+                continue;
+            };
+            // Rows inserted directly (as an Odoo model would) skip mqtt_subscribe's checks.
+            match mqtt_pg_core::topic::validate_filter(&filter) {
+                Ok(()) => {
+                    b.subs.insert(filter, qos);
+                }
+                Err(e) => {
+                    b.problem = Some(format!(
+                        "mqtt_topic {topic_id}: invalid topic filter \"{filter}\": {e}"
+                    ));
+                }
+            }
+        }
+    });
+    out
+}

@@ -1,0 +1,395 @@
+//! The per-database worker: owns the engine (and through it every broker connection) and is the
+//! only process that moves messages between the broker and this database's tables.
+//!
+//! Its main thread is the only thread that touches Postgres (pgrx refuses any other). The loop
+//! reads like pg_cron's launcher: signal handlers first, claim the slot, then forever: wait on
+//! the latch (or the engine's wake-up socket), handle SIGTERM/SIGHUP and interrupts, reload
+//! configuration when told to (or every `mqtt_pg.poll_interval`), store one bounded batch of
+//! engine events in one transaction, and hand newly committed outbox rows to the engine. No
+//! step blocks for long, so SIGTERM, reloads and DROP DATABASE's barrier are handled promptly.
+
+mod config;
+mod outbox;
+mod store;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqtt_pg_core::engine::{BrokerConfig, Engine, Event};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::shmem::{self, DbState, LinkState, SHARED, WAKE_CONFIG, WAKE_OUTBOX};
+use crate::{catalog, gucs};
+
+/// What the worker knows about one active broker.
+#[derive(Default)]
+struct BrokerRuntime {
+    /// None while the row cannot be connected (for example TLS requested).
+    config: Option<BrokerConfig>,
+    subs: BTreeMap<String, u8>,
+    connected: bool,
+    ever_connected: bool,
+    /// Outbox ids handed to the engine and not yet acknowledged.
+    in_flight: HashSet<i64>,
+}
+
+struct Worker {
+    dboid: u32,
+    schema: String,
+    engine: Engine,
+    brokers: HashMap<i32, BrokerRuntime>,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
+    // The launcher passes the database oid as the worker's argument.
+    let dboid = arg.value() as u32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+
+    if !claim_slot(dboid) {
+        return; // another worker serves this database
+    }
+    let Some(schema) = BackgroundWorker::transaction(catalog::extension_schema) else {
+        if let Some(slot) = SHARED.exclusive().db_mut(dboid) {
+            slot.state = DbState::NoExtension;
+            slot.pid = 0;
+            slot.latch = 0;
+        }
+        return;
+    };
+
+    let (wake_rx, wake_tx) = match UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => error!("mqtt_pg worker could not create its wake-up socket: {e}"),
+    };
+    let _ = wake_rx.set_nonblocking(true);
+    let _ = wake_tx.set_nonblocking(true);
+    let engine = match start_engine(wake_tx) {
+        Ok(e) => e,
+        Err(e) => error!("mqtt_pg worker could not start its MQTT engine: {e}"),
+    };
+    log!("mqtt_pg worker started for database {dboid}");
+
+    let mut worker = Worker {
+        dboid,
+        schema,
+        engine,
+        brokers: HashMap::new(),
+    };
+    worker.run(&wake_rx);
+    worker.engine.shutdown(Duration::from_secs(1));
+    log!("mqtt_pg worker for database {dboid} stopped");
+}
+
+/// Take this database's slot. False when another live worker already holds it.
+fn claim_slot(dboid: u32) -> bool {
+    let mut shared = SHARED.exclusive();
+    let Some(slot) = shared.db_claim(dboid) else {
+        warning!("mqtt_pg: no free database slot for database {dboid}");
+        return false;
+    };
+    // SAFETY: MyProcPid is set in every process.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    if slot.state == DbState::Running
+        && slot.pid != my_pid
+        && slot.pid > 0
+        && unsafe { libc::kill(slot.pid, 0) } == 0
+    {
+        return false;
+    }
+    slot.state = DbState::Running;
+    slot.pid = my_pid;
+    slot.latch = shmem::my_latch();
+    slot.wake_flags = 0;
+    true
+}
+
+/// Start tokio with every signal blocked, so its threads inherit a full mask and Postgres'
+/// handlers only ever run on this (the main) thread; then restore the main thread's mask.
+fn start_engine(wake_tx: UnixStream) -> std::io::Result<Engine> {
+    let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        // A full socket buffer already means "wake up"; nothing else can go wrong worth acting on.
+        let _ = (&wake_tx).write(&[1u8]);
+    });
+    // SAFETY: sigfillset/pthread_sigmask only manipulate this thread's signal mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let engine = Engine::start(2, 65_536, wake);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        engine
+    }
+}
+
+/// Wait for the latch, the engine's socket, or the timeout.
+fn wait(fd: i32, timeout: Duration) {
+    let events = pg_sys::WL_LATCH_SET
+        | pg_sys::WL_SOCKET_READABLE
+        | pg_sys::WL_TIMEOUT
+        | pg_sys::WL_EXIT_ON_PM_DEATH;
+    // SAFETY: MyLatch is this process's latch; fd is our own socket, open for the whole loop.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd,
+            timeout.as_millis().min(i64::MAX as u128) as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}
+
+fn drain(socket: &UnixStream) {
+    let mut buf = [0u8; 256];
+    let mut s = socket;
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+impl Worker {
+    fn run(&mut self, wake_rx: &UnixStream) {
+        let mut last_poll: Option<Instant> = None;
+        loop {
+            let interval = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
+            let timeout = last_poll
+                .map(|t| interval.saturating_sub(t.elapsed()))
+                .unwrap_or_default();
+            wait(wake_rx.as_raw_fd(), timeout);
+            if BackgroundWorker::sigterm_received() {
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: reloading the configuration file is what SIGHUP asks for.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            }
+            pgrx::check_for_interrupts!();
+            drain(wake_rx);
+
+            let flags = self.take_wake_flags();
+            let tick = last_poll.is_none_or(|t| t.elapsed() >= interval);
+            if tick {
+                last_poll = Some(Instant::now());
+            }
+            if (tick || flags & WAKE_CONFIG != 0) && !self.reload_config() {
+                // The extension was dropped: nothing left to serve here.
+                if let Some(slot) = SHARED.exclusive().db_mut(self.dboid) {
+                    slot.state = DbState::NoExtension;
+                    slot.pid = 0;
+                    slot.latch = 0;
+                }
+                return;
+            }
+            let progressed = self.process_events();
+            if tick || progressed || flags & WAKE_OUTBOX != 0 {
+                self.send_outbox();
+            }
+        }
+    }
+
+    fn take_wake_flags(&self) -> u32 {
+        let mut shared = SHARED.exclusive();
+        match shared.db_mut(self.dboid) {
+            Some(slot) => std::mem::take(&mut slot.wake_flags),
+            None => 0,
+        }
+    }
+
+    /// Update this database's status slot for one broker.
+    fn with_status(&self, broker_id: i32, f: impl FnOnce(&mut shmem::BrokerSlot)) {
+        let mut shared = SHARED.exclusive();
+        if let Some(b) = shared
+            .db_mut(self.dboid)
+            .and_then(|slot| slot.broker_mut(broker_id))
+        {
+            f(b);
+        }
+    }
+
+    /// Store one bounded batch of engine events in one transaction. Returns true when anything
+    /// changed that may let more outbox rows go (a delivery, a new connection).
+    fn process_events(&mut self) -> bool {
+        let max = gucs::INGEST_BATCH_SIZE.get().max(1) as usize;
+        let mut events = Vec::new();
+        self.engine.drain_events(&mut events, max);
+        if events.is_empty() {
+            return false;
+        }
+        let mut batch = store::Batch::default();
+        let mut progressed = false;
+        let now = shmem::now_us();
+        for ev in events {
+            match ev {
+                Event::Received(m) => batch.received.push(m),
+                Event::Delivered {
+                    broker_id,
+                    outbox_id,
+                    pkid,
+                } => {
+                    if let Some(b) = self.brokers.get_mut(&broker_id) {
+                        b.in_flight.remove(&outbox_id);
+                    }
+                    batch.delivered.push((broker_id, outbox_id, pkid));
+                    progressed = true;
+                }
+                Event::Rejected {
+                    broker_id,
+                    outbox_id,
+                    error,
+                } => {
+                    if let Some(b) = self.brokers.get_mut(&broker_id) {
+                        b.in_flight.remove(&outbox_id);
+                    }
+                    batch.rejected.push((outbox_id, error));
+                    progressed = true;
+                }
+                Event::Connecting { broker_id } => self.with_status(broker_id, |s| {
+                    if s.state != LinkState::Connecting {
+                        s.state = LinkState::Connecting;
+                        s.since_us = now;
+                    }
+                }),
+                Event::Connected { broker_id, .. } => {
+                    let mut reconnect = false;
+                    if let Some(b) = self.brokers.get_mut(&broker_id) {
+                        reconnect = b.ever_connected;
+                        b.ever_connected = true;
+                        b.connected = true;
+                        b.in_flight.clear();
+                    }
+                    self.with_status(broker_id, |s| {
+                        s.state = LinkState::Connected;
+                        s.since_us = now;
+                        if reconnect {
+                            s.reconnects += 1;
+                        }
+                    });
+                    progressed = true;
+                }
+                Event::ConnectionLost { broker_id, error } => {
+                    if let Some(b) = self.brokers.get_mut(&broker_id) {
+                        b.connected = false;
+                        // The engine forgot them: they are resent from the outbox.
+                        b.in_flight.clear();
+                    }
+                    self.with_status(broker_id, |s| {
+                        s.state = LinkState::Disconnected;
+                        s.since_us = now;
+                        s.set_error(&error, now);
+                    });
+                }
+                Event::Warning { broker_id, error } => {
+                    self.with_status(broker_id, |s| s.set_error(&error, now))
+                }
+                Event::Stopped { .. } => {}
+            }
+        }
+        let counts = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
+        for (broker_id, received, sent) in counts {
+            self.with_status(broker_id, |s| {
+                s.received += received;
+                s.sent += sent;
+            });
+        }
+        progressed
+    }
+
+    /// Re-read brokers and subscriptions and make the engine match. False when the extension
+    /// is gone from this database.
+    fn reload_config(&mut self) -> bool {
+        let Some(loaded) = BackgroundWorker::transaction(|| {
+            let schema = catalog::extension_schema()?;
+            Some(config::load(&schema))
+        }) else {
+            return false;
+        };
+        let now = shmem::now_us();
+        // Brokers no longer active: forget them and their status.
+        let gone: Vec<i32> = self
+            .brokers
+            .keys()
+            .filter(|id| !loaded.iter().any(|l| l.id == **id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.brokers.remove(&id);
+            let mut shared = SHARED.exclusive();
+            if let Some(slot) = shared.db_mut(self.dboid) {
+                for b in slot.brokers.iter_mut().filter(|b| b.broker_id == id) {
+                    b.broker_id = 0;
+                }
+            }
+        }
+        let mut configs = Vec::new();
+        for l in &loaded {
+            let rt = self.brokers.entry(l.id).or_default();
+            rt.config = l.config.clone();
+            if let Some(c) = &l.config {
+                configs.push(c.clone());
+            }
+            let problem = l.problem.clone();
+            self.with_status(l.id, |s| {
+                if let Some(p) = &problem {
+                    if s.last_error() != Some(p.as_str()) {
+                        s.set_error(p, now);
+                    }
+                    if l.config.is_none() {
+                        s.state = LinkState::Disconnected;
+                    }
+                }
+            });
+        }
+        for id in self.engine.set_brokers(configs) {
+            if let Some(rt) = self.brokers.get_mut(&id) {
+                rt.connected = false;
+                rt.in_flight.clear();
+                rt.subs.clear(); // a new task knows no subscriptions yet
+            }
+            self.with_status(id, |s| {
+                s.state = LinkState::Connecting;
+                s.since_us = now;
+            });
+        }
+        for l in loaded {
+            if let Some(rt) = self.brokers.get_mut(&l.id) {
+                if rt.config.is_some() && rt.subs != l.subs {
+                    rt.subs = l.subs.clone();
+                    self.engine.set_subscriptions(l.id, l.subs);
+                }
+            }
+        }
+        true
+    }
+
+    /// Hand newly committed outbox rows of every connected broker to the engine.
+    fn send_outbox(&mut self) {
+        let batch = gucs::PUBLISH_BATCH_SIZE.get().max(1) as usize;
+        let max_in_flight = gucs::MAX_IN_FLIGHT.get().max(1) as usize;
+        let schema = self.schema.clone();
+        let brokers = &mut self.brokers;
+        let engine = &self.engine;
+        BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+            for (id, rt) in brokers.iter_mut().filter(|(_, rt)| rt.connected) {
+                let room = max_in_flight.saturating_sub(rt.in_flight.len()).min(batch);
+                if room == 0 {
+                    continue;
+                }
+                let msgs = outbox::fetch(&schema, *id, &rt.in_flight, room);
+                if msgs.is_empty() {
+                    continue;
+                }
+                rt.in_flight.extend(msgs.iter().map(|m| m.outbox_id));
+                engine.publish(*id, msgs);
+            }
+        }));
+    }
+}
