@@ -23,6 +23,9 @@ use crate::shmem::{self, DbState, MAX_DATABASES, SHARED};
 const RESTART_DELAY_US: i64 = 5_000_000;
 /// The launcher looks at its workers at least this often even when nobody wakes it.
 const NAPTIME: Duration = Duration::from_secs(10);
+/// Workers starting at once, at most: after a restart every database is probed, and a cluster
+/// with many databases must not exhaust max_worker_processes doing it.
+const MAX_STARTING: usize = 4;
 
 /// Register the launcher; called from `_PG_init` while shared_preload_libraries is loading.
 pub fn register() {
@@ -77,6 +80,11 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
                     }
                 }
             }
+            let mut starting = shared
+                .dbs
+                .iter()
+                .filter(|d| d.state == DbState::Starting)
+                .count();
             for slot in shared.dbs.iter_mut() {
                 if slot.state == DbState::Free {
                     continue;
@@ -101,9 +109,12 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
                     _ => {}
                 }
                 if slot.state == DbState::Wanted {
-                    if slot.not_before_us <= now {
+                    if slot.not_before_us <= now && starting < MAX_STARTING {
                         slot.state = DbState::Starting;
+                        starting += 1;
                         to_start.push(slot.dboid);
+                    } else if slot.not_before_us <= now {
+                        // Woken again when a starting worker claims its slot or exits.
                     } else {
                         let wait = Duration::from_micros((slot.not_before_us - now) as u64);
                         next_wake = next_wake.min(wait);

@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod catalog;
+mod ddl;
 mod errors;
 mod gucs;
 mod launcher;
@@ -40,4 +41,5 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
     launcher::register();
+    ddl::init();
 }

@@ -13,7 +13,7 @@
 //! is still in the durable outbox. The database, not this process, holds the durable copy.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -157,6 +157,24 @@ pub struct Engine {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     waker: Waker,
+    /// Broker tasks still running (stopped ones included until they have said `Stopped`).
+    tasks: Arc<AtomicUsize>,
+}
+
+/// Counts a running broker task; dropping it (normal end, or a panic) counts it out.
+struct TaskGuard(Arc<AtomicUsize>);
+
+impl TaskGuard {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        TaskGuard(count.clone())
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Engine {
@@ -184,6 +202,7 @@ impl Engine {
                 pending: Arc::new(AtomicBool::new(false)),
                 wake,
             },
+            tasks: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -208,12 +227,12 @@ impl Engine {
             }
             self.stop_broker(id);
             let (tx, rx) = mpsc::unbounded_channel();
-            self.runtime.spawn(run_broker(
-                config.clone(),
-                rx,
-                self.events_tx.clone(),
-                self.waker.clone(),
-            ));
+            let guard = TaskGuard::new(&self.tasks);
+            let task = run_broker(config.clone(), rx, self.events_tx.clone(), self.waker.clone());
+            self.runtime.spawn(async move {
+                task.await;
+                drop(guard);
+            });
             self.brokers.insert(
                 id,
                 BrokerHandle {
@@ -233,9 +252,14 @@ impl Engine {
         }
     }
 
-    /// Whether a task exists for this broker.
-    pub fn has_broker(&self, id: i32) -> bool {
-        self.brokers.contains_key(&id)
+    /// Broker tasks still running, including those told to stop that have not finished.
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.load(Ordering::Acquire)
+    }
+
+    /// Whether events are waiting to be drained.
+    pub fn has_events(&self) -> bool {
+        !self.events_rx.is_empty()
     }
 
     /// Replace the broker's subscriptions (filter -> QoS). The task subscribes and unsubscribes

@@ -84,7 +84,7 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         brokers: HashMap::new(),
     };
     worker.run(&wake_rx);
-    worker.engine.shutdown(Duration::from_secs(1));
+    worker.shutdown(&wake_rx);
     log!("mqtt_pg worker for database {dboid} stopped");
 }
 
@@ -194,6 +194,24 @@ impl Worker {
                 self.send_outbox();
             }
         }
+    }
+
+    /// Stop every connection and store what the engine still holds (for at most a second), so
+    /// that a clean stop (SIGTERM, server shutdown) keeps what was already received.
+    fn shutdown(mut self, wake_rx: &UnixStream) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        self.engine.set_brokers(Vec::new());
+        while self.engine.running_tasks() > 0 && Instant::now() < deadline {
+            // The engine writes to the socket whenever it has events; the timeout only bounds
+            // the wait for a task that has nothing more to say.
+            wait(wake_rx.as_raw_fd(), Duration::from_millis(50));
+            drain(wake_rx);
+            self.process_events();
+        }
+        while self.engine.has_events() {
+            self.process_events();
+        }
+        self.engine.shutdown(Duration::from_millis(200));
     }
 
     fn take_wake_flags(&self) -> u32 {

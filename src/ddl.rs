@@ -1,0 +1,119 @@
+//! Stepping aside for DDL that needs a database to itself.
+//!
+//! `DROP DATABASE` and `ALTER DATABASE ... RENAME` refuse to run while any other session is
+//! connected to the database, and our worker always is. Odoo's database manager drops
+//! databases routinely, so a ProcessUtility hook asks the worker to leave first: it sends it
+//! SIGTERM and tells the launcher not to start a new one for a while. Postgres itself waits up
+//! to five seconds for other sessions to go, which is ample for the worker. If the command then
+//! fails (another user is still connected), the launcher starts the worker again after the pause.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::shmem::{self, DbState, SHARED};
+
+/// How long the launcher keeps away from a database we stepped aside for: longer than the five
+/// seconds DROP DATABASE waits for other sessions.
+const STEP_ASIDE_US: i64 = 10_000_000;
+
+static mut PREV_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+pub fn init() {
+    // SAFETY: called once from _PG_init in the postmaster, before any backend exists; we keep
+    // and call the previous hook, as every extension installing this hook must.
+    unsafe {
+        PREV_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+/// The database a statement needs exclusive use of, if any.
+///
+/// # Safety
+/// `stmt` must be a valid parse tree node or null.
+unsafe fn exclusive_database(stmt: *mut pg_sys::Node) -> Option<&'static CStr> {
+    if stmt.is_null() {
+        return None;
+    }
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_DropdbStmt => {
+                let s = stmt as *mut pg_sys::DropdbStmt;
+                (!(*s).dbname.is_null()).then(|| CStr::from_ptr((*s).dbname))
+            }
+            pg_sys::NodeTag::T_RenameStmt => {
+                let s = stmt as *mut pg_sys::RenameStmt;
+                ((*s).renameType == pg_sys::ObjectType::OBJECT_DATABASE && !(*s).subname.is_null())
+                    .then(|| CStr::from_ptr((*s).subname))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Ask the worker of `dbname` (if any) to leave the database.
+fn step_aside(dbname: &CStr) {
+    // SAFETY: a catalog look-up; missing_ok = true never raises.
+    let oid = unsafe { pg_sys::get_database_oid(dbname.as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        return;
+    }
+    let pid = {
+        let mut shared = SHARED.exclusive();
+        let Some(slot) = shared.db_mut(oid.to_u32()) else {
+            return;
+        };
+        let pid = if slot.state == DbState::Running { slot.pid } else { 0 };
+        slot.state = DbState::Wanted;
+        slot.not_before_us = shmem::now_us() + STEP_ASIDE_US;
+        pid
+    };
+    if pid > 0 {
+        // SAFETY: signalling our own worker process; SIGTERM makes it leave its loop and exit.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: Postgres hands us a valid PlannedStmt; we only read its utility statement.
+    unsafe {
+        if let Some(db) = exclusive_database((*pstmt).utilityStmt) {
+            step_aside(db);
+        }
+        match PREV_HOOK {
+            Some(prev) => prev(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+        }
+    }
+}
