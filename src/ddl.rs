@@ -65,7 +65,11 @@ fn step_aside(dbname: &CStr) {
         let Some(slot) = shared.db_mut(oid.to_u32()) else {
             return;
         };
-        let pid = if slot.state == DbState::Running { slot.pid } else { 0 };
+        let pid = if slot.state == DbState::Running {
+            slot.pid
+        } else {
+            0
+        };
         slot.state = DbState::Wanted;
         slot.not_before_us = shmem::now_us() + STEP_ASIDE_US;
         pid

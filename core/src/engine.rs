@@ -122,12 +122,33 @@ pub enum Event {
     Received(InMessage),
 }
 
+impl Event {
+    /// The broker the event is about.
+    pub fn broker_id(&self) -> i32 {
+        match self {
+            Event::Connecting { broker_id }
+            | Event::Connected { broker_id, .. }
+            | Event::ConnectionLost { broker_id, .. }
+            | Event::Warning { broker_id, .. }
+            | Event::Stopped { broker_id }
+            | Event::Delivered { broker_id, .. }
+            | Event::Rejected { broker_id, .. } => *broker_id,
+            Event::Received(m) => m.broker_id,
+        }
+    }
+}
+
 /// Commands from the worker to one broker task.
 enum Command {
     Publish(Vec<OutMessage>),
     Subscriptions(BTreeMap<String, u8>),
     Stop,
 }
+
+/// An event with the generation of the task that sent it. After a configuration change a task
+/// that is being replaced can still report; its status events must not overwrite the new
+/// connection's, while its deliveries and received messages are as real as any.
+type Tagged = (u64, Event);
 
 struct BrokerHandle {
     config: BrokerConfig,
@@ -154,8 +175,11 @@ impl Waker {
 pub struct Engine {
     runtime: tokio::runtime::Runtime,
     brokers: HashMap<i32, BrokerHandle>,
-    events_tx: mpsc::Sender<Event>,
-    events_rx: mpsc::Receiver<Event>,
+    events_tx: mpsc::Sender<Tagged>,
+    events_rx: mpsc::Receiver<Tagged>,
+    /// Generation of the task currently serving each broker; see [`Tagged`].
+    generations: HashMap<i32, u64>,
+    next_generation: u64,
     waker: Waker,
     /// Broker tasks still running (stopped ones included until they have said `Stopped`).
     tasks: Arc<AtomicUsize>,
@@ -198,6 +222,8 @@ impl Engine {
             brokers: HashMap::new(),
             events_tx,
             events_rx,
+            generations: HashMap::new(),
+            next_generation: 0,
             waker: Waker {
                 pending: Arc::new(AtomicBool::new(false)),
                 wake,
@@ -228,7 +254,17 @@ impl Engine {
             self.stop_broker(id);
             let (tx, rx) = mpsc::unbounded_channel();
             let guard = TaskGuard::new(&self.tasks);
-            let task = run_broker(config.clone(), rx, self.events_tx.clone(), self.waker.clone());
+            self.next_generation += 1;
+            self.generations.insert(id, self.next_generation);
+            let task = run_broker(
+                config.clone(),
+                rx,
+                Emitter {
+                    generation: self.next_generation,
+                    events: self.events_tx.clone(),
+                    waker: self.waker.clone(),
+                },
+            );
             self.runtime.spawn(async move {
                 task.await;
                 drop(guard);
@@ -285,7 +321,20 @@ impl Engine {
         self.waker.pending.store(false, Ordering::Release);
         while out.len() < max {
             match self.events_rx.try_recv() {
-                Ok(ev) => out.push(ev),
+                Ok((generation, ev)) => {
+                    let current = self.generations.get(&ev.broker_id()) == Some(&generation);
+                    let status_only = matches!(
+                        ev,
+                        Event::Connecting { .. }
+                            | Event::Connected { .. }
+                            | Event::ConnectionLost { .. }
+                            | Event::Warning { .. }
+                            | Event::Stopped { .. }
+                    );
+                    if current || !status_only {
+                        out.push(ev);
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -503,19 +552,33 @@ impl Book {
         self.sub_fifo.clear();
         self.sub_by_pkid.clear();
         self.connected = false;
+        // A packet-id collision pending on the dead connection would otherwise keep rumqttc
+        // from taking any request on the next one.
+        eventloop.state.collision = None;
     }
 }
 
-/// Send events to the worker. A full channel parks the caller here, which stops reads from
-/// the socket: that is the backpressure that keeps memory flat when the database falls behind.
-async fn emit_all(events: &mpsc::Sender<Event>, waker: &Waker, batch: &mut Vec<Event>) -> bool {
-    for ev in batch.drain(..) {
-        if events.send(ev).await.is_err() {
-            return false;
+/// How a broker task reaches the worker.
+#[derive(Clone)]
+struct Emitter {
+    generation: u64,
+    events: mpsc::Sender<Tagged>,
+    waker: Waker,
+}
+
+impl Emitter {
+    /// Send events to the worker. A full channel parks the caller here, which stops reads from
+    /// the socket: that is the backpressure that keeps memory flat when the database falls
+    /// behind. False once the engine is gone.
+    async fn emit_all(&self, batch: &mut Vec<Event>) -> bool {
+        for ev in batch.drain(..) {
+            if self.events.send((self.generation, ev)).await.is_err() {
+                return false;
+            }
+            self.waker.wake();
         }
-        waker.wake();
+        true
     }
-    true
 }
 
 /// Run one broker connection as two tasks sharing a [`Book`]: this one polls rumqttc and never
@@ -525,11 +588,15 @@ async fn emit_all(events: &mpsc::Sender<Event>, waker: &Waker, batch: &mut Vec<E
 async fn run_broker(
     config: BrokerConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::Sender<Event>,
-    waker: Waker,
+    emitter: Emitter,
 ) {
     let id = config.id;
     let (client, mut eventloop) = AsyncClient::new(options(&config), 1024);
+    // Small writes (a PUBACK, one publish after a commit) must leave at once, not wait for
+    // Nagle's algorithm: commit-to-delivery latency is a promise of mqtt_publish.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let book = Arc::new(Mutex::new(Book {
         wanted_subs: BTreeMap::new(),
         queue: VecDeque::new(),
@@ -545,8 +612,7 @@ async fn run_broker(
     let cmd_book = book.clone();
     let cmd_client = client.clone();
     let cmd_stop = stop.clone();
-    let cmd_events = events.clone();
-    let cmd_waker = waker.clone();
+    let cmd_emitter = emitter.clone();
     let cmd_config = config.clone();
     tokio::spawn(async move {
         let mut out = Vec::new();
@@ -565,14 +631,14 @@ async fn run_broker(
                     return;
                 }
             }
-            emit_all(&cmd_events, &cmd_waker, &mut out).await;
+            cmd_emitter.emit_all(&mut out).await;
         }
     });
 
     // Poll task (this one).
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut out = vec![Event::Connecting { broker_id: id }];
-    emit_all(&events, &waker, &mut out).await;
+    emitter.emit_all(&mut out).await;
     loop {
         let polled = tokio::select! {
             _ = stop.notified() => break,
@@ -588,17 +654,29 @@ async fn run_broker(
                     b.on_event(&client, id, ev, &mut out);
                     b.flush_queue(&client, &config, &mut out);
                 }
-                if !emit_all(&events, &waker, &mut out).await {
+                if !emitter.emit_all(&mut out).await {
                     return;
                 }
             }
             Err(e) => {
-                lock(&book).connection_lost(&mut eventloop);
+                {
+                    let mut b = lock(&book);
+                    // rumqttc keeps events it read but had not yet returned in
+                    // `state.events`, and would hand them out after the reconnect, where their
+                    // packet ids mean nothing. They belong to the old connection: account for
+                    // them now (a PUBACK that arrived is a real delivery, a PUBLISH a real
+                    // message), then forget the rest of that connection.
+                    let stale: Vec<MqttEvent> = eventloop.state.events.drain(..).collect();
+                    for ev in stale {
+                        b.on_event(&client, id, ev, &mut out);
+                    }
+                    b.connection_lost(&mut eventloop);
+                }
                 out.push(Event::ConnectionLost {
                     broker_id: id,
                     error: describe_error(&e, &config),
                 });
-                emit_all(&events, &waker, &mut out).await;
+                emitter.emit_all(&mut out).await;
                 // rumqttc reconnects on the very next poll: wait out a growing, jittered delay
                 // first so a dead broker never sees a hot loop.
                 tokio::select! {
@@ -606,7 +684,7 @@ async fn run_broker(
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
                 out.push(Event::Connecting { broker_id: id });
-                emit_all(&events, &waker, &mut out).await;
+                emitter.emit_all(&mut out).await;
             }
         }
     }
@@ -623,7 +701,7 @@ async fn run_broker(
         .await;
     }
     out.push(Event::Stopped { broker_id: id });
-    emit_all(&events, &waker, &mut out).await;
+    emitter.emit_all(&mut out).await;
 }
 
 fn lock(book: &Mutex<Book>) -> std::sync::MutexGuard<'_, Book> {

@@ -471,20 +471,18 @@ fn change_broker_then_stop() {
     let mut cfg_b = cfg_a.clone();
     cfg_b.port = b.port;
     assert_eq!(h.engine().set_brokers(vec![cfg_b]), vec![1]);
-    let ev = h.wait_until("Stopped (old task) and Connected (new task)", WAIT, |s| {
+    // The replaced task's status events (its Stopped) are filtered out: they must never
+    // overwrite the new connection's status. Only the new task's Connecting/Connected show.
+    let ev = h.wait_until("Connected (new task)", WAIT, |s| {
         s.iter()
-            .any(|e| matches!(e, Event::Stopped { broker_id: 1 }))
-            && s.iter()
-                .any(|e| matches!(e, Event::Connected { broker_id: 1, .. }))
+            .any(|e| matches!(e, Event::Connected { broker_id: 1, .. }))
     });
     eprintln!("events while moving:\n{}", describe(&ev));
     assert_no_trouble(&ev);
     assert!(
         ev.iter().all(|e| matches!(
             e,
-            Event::Stopped { broker_id: 1 }
-                | Event::Connecting { broker_id: 1 }
-                | Event::Connected { broker_id: 1, .. }
+            Event::Connecting { broker_id: 1 } | Event::Connected { broker_id: 1, .. }
         )),
         "events:\n{}",
         describe(&ev)
@@ -731,9 +729,6 @@ fn oversized_publish_is_rejected() {
 ///     frozen (SIGSTOP) while large messages are written, so rumqttc's flush times out; rows
 ///     handed to the engine while it is disconnected then go out on the next connection.
 #[test]
-#[ignore = "engine bug: rumqttc events of a dead connection (left in EventLoop::state.events) \
-            are replayed after the reconnect and shift the outbox-id FIFO, so a delivered \
-            QoS 1 row gets the wrong (or no) Delivered event; see the report"]
 fn deliveries_after_a_write_timeout_are_attributed_correctly() {
     let mut broker = Broker::start();
     let mut h = Harness::new(1024);
