@@ -187,6 +187,7 @@ class PgCluster:
             "shared_preload_libraries = 'mqtt_pg'" if self.preload else "shared_preload_libraries = ''",
             "fsync = off",
             "max_connections = 50",
+            "max_prepared_transactions = 10",
             "log_line_prefix = '%m [%p] %q%u@%d '",
             "log_min_messages = info",
             self.extra_conf,
