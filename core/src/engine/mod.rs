@@ -1,0 +1,364 @@
+//! The MQTT engine: one tokio task per broker connection, driven by rumqttc.
+//!
+//! The engine never touches PostgreSQL. The extension's worker (its main thread, the only one
+//! allowed to call into Postgres) tells the engine which brokers to connect to, which filters to
+//! subscribe and which outbox rows to publish; the engine answers with [`Event`]s on a bounded
+//! channel that the worker drains in batches, one database transaction per batch.
+//!
+//! Delivery bookkeeping lives here because only the task that polls rumqttc sees packet ids:
+//! rumqttc reports `Outgoing::Publish(pkid)` in request order, so a FIFO of outbox ids maps each
+//! request to its packet id, and the broker's PUBACK/PUBCOMP turns that back into an outbox id.
+//! When a connection is lost the engine forgets everything in flight (rumqttc's own pending
+//! queue included) and says so with [`Event::ConnectionLost`]; the worker then resends whatever
+//! is still in the durable outbox. The database, not this process, holds the durable copy.
+
+mod connection;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use connection::{run_broker, Emitter};
+
+/// Largest packet MQTT can carry (the remaining-length field tops out at 256 MiB - 1).
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// How long a broker task waits for the request channel before it gives up on a clean
+/// DISCONNECT at shutdown.
+pub(super) const DISCONNECT_GRACE: Duration = Duration::from_millis(200);
+
+/// Everything needed to open one broker connection. Two configs that compare equal describe the
+/// same connection, so the engine only restarts a task when this changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    pub id: i32,
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: String,
+    pub keepalive: Duration,
+    pub clean_session: bool,
+    pub max_packet_size: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Outgoing QoS 1/2 publishes allowed in flight at once (rumqttc's `inflight`).
+    pub max_inflight: u16,
+}
+
+/// One outbox row handed to the engine for delivery.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    pub outbox_id: i64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// One message received from a broker.
+#[derive(Debug, Clone)]
+pub struct InMessage {
+    pub broker_id: i32,
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT packet id; `None` for QoS 0.
+    pub pkid: Option<u16>,
+    /// When the engine read it, in microseconds since the Unix epoch.
+    pub received_at_us: i64,
+}
+
+/// What the engine reports back to the worker.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A connection attempt is starting (first one, or after a failure).
+    Connecting {
+        broker_id: i32,
+    },
+    /// CONNACK accepted.
+    Connected {
+        broker_id: i32,
+        session_present: bool,
+    },
+    /// The connection failed or was lost; `error` is what a DBA needs to see. Everything that
+    /// was in flight on this broker is forgotten: resend it from the outbox.
+    ConnectionLost {
+        broker_id: i32,
+        error: String,
+    },
+    /// A non-fatal problem worth showing in the status (a refused subscription, a message that
+    /// could not be sent).
+    Warning {
+        broker_id: i32,
+        error: String,
+    },
+    /// The broker task ended because it was asked to.
+    Stopped {
+        broker_id: i32,
+    },
+    /// An outbox row left: QoS 0 once written to the connection, QoS 1 after PUBACK, QoS 2
+    /// after PUBCOMP. `pkid` is `None` for QoS 0.
+    Delivered {
+        broker_id: i32,
+        outbox_id: i64,
+        pkid: Option<u16>,
+    },
+    /// A message was rejected before it reached the connection and will never be sendable as
+    /// it is (for example larger than the connection's packet limit).
+    Rejected {
+        broker_id: i32,
+        outbox_id: i64,
+        error: String,
+    },
+    Received(InMessage),
+}
+
+impl Event {
+    /// The broker the event is about.
+    pub fn broker_id(&self) -> i32 {
+        match self {
+            Event::Connecting { broker_id }
+            | Event::Connected { broker_id, .. }
+            | Event::ConnectionLost { broker_id, .. }
+            | Event::Warning { broker_id, .. }
+            | Event::Stopped { broker_id }
+            | Event::Delivered { broker_id, .. }
+            | Event::Rejected { broker_id, .. } => *broker_id,
+            Event::Received(m) => m.broker_id,
+        }
+    }
+}
+
+/// Commands from the worker to one broker task.
+pub(super) enum Command {
+    Publish(Vec<OutMessage>),
+    Subscriptions(BTreeMap<String, u8>),
+    Stop,
+}
+
+/// An event with the generation of the task that sent it. After a configuration change a task
+/// that is being replaced can still report; its status events must not overwrite the new
+/// connection's, while its deliveries and received messages are as real as any.
+pub(super) type Tagged = (u64, Event);
+
+struct BrokerHandle {
+    config: BrokerConfig,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Wakes the worker when events are waiting. Calls are coalesced: between two drains the
+/// callback runs at most once, however many events arrive.
+#[derive(Clone)]
+pub(super) struct Waker {
+    pending: Arc<AtomicBool>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Waker {
+    pub(super) fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            (self.wake)();
+        }
+    }
+}
+
+/// Owns the tokio runtime and one task per broker.
+pub struct Engine {
+    runtime: tokio::runtime::Runtime,
+    brokers: HashMap<i32, BrokerHandle>,
+    events_tx: mpsc::Sender<Tagged>,
+    events_rx: mpsc::Receiver<Tagged>,
+    /// Generation of the task currently serving each broker; see [`Tagged`].
+    generations: HashMap<i32, u64>,
+    next_generation: u64,
+    waker: Waker,
+    /// Broker tasks still running (stopped ones included until they have said `Stopped`).
+    tasks: Arc<AtomicUsize>,
+}
+
+/// Counts a running broker task; dropping it (normal end, or a panic) counts it out.
+struct TaskGuard(Arc<AtomicUsize>);
+
+impl TaskGuard {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        TaskGuard(count.clone())
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Engine {
+    /// Start the runtime. `event_capacity` bounds the events waiting for the worker: when the
+    /// worker falls behind (a slow disk, a lock on the history table), broker tasks stop reading
+    /// from their sockets instead of buffering without limit. `wake` is called (from engine
+    /// threads) when events are waiting; it must be cheap and must not call into Postgres.
+    pub fn start(
+        worker_threads: usize,
+        event_capacity: usize,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Engine> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads.max(1))
+            .thread_name("mqtt_pg-engine")
+            .enable_all()
+            .build()?;
+        let (events_tx, events_rx) = mpsc::channel(event_capacity.max(16));
+        Ok(Engine {
+            runtime,
+            brokers: HashMap::new(),
+            events_tx,
+            events_rx,
+            generations: HashMap::new(),
+            next_generation: 0,
+            waker: Waker {
+                pending: Arc::new(AtomicBool::new(false)),
+                wake,
+            },
+            tasks: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Make the running connections match `wanted`: start new ones, restart changed ones, stop
+    /// the rest. Returns the ids of brokers whose connection was (re)started, whose in-flight
+    /// messages the caller must treat as unsent.
+    pub fn set_brokers(&mut self, wanted: Vec<BrokerConfig>) -> Vec<i32> {
+        let wanted: HashMap<i32, BrokerConfig> = wanted.into_iter().map(|c| (c.id, c)).collect();
+        let gone: Vec<i32> = self
+            .brokers
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.stop_broker(id);
+        }
+        let mut restarted = Vec::new();
+        for (id, config) in wanted {
+            if self.brokers.get(&id).is_some_and(|h| h.config == config) {
+                continue;
+            }
+            self.stop_broker(id);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let guard = TaskGuard::new(&self.tasks);
+            self.next_generation += 1;
+            self.generations.insert(id, self.next_generation);
+            let task = run_broker(
+                config.clone(),
+                rx,
+                Emitter {
+                    generation: self.next_generation,
+                    events: self.events_tx.clone(),
+                    waker: self.waker.clone(),
+                },
+            );
+            self.runtime.spawn(async move {
+                task.await;
+                drop(guard);
+            });
+            self.brokers.insert(
+                id,
+                BrokerHandle {
+                    config,
+                    commands: tx,
+                },
+            );
+            restarted.push(id);
+        }
+        restarted
+    }
+
+    fn stop_broker(&mut self, id: i32) {
+        if let Some(handle) = self.brokers.remove(&id) {
+            // The task may already be gone; nothing to do then.
+            let _ = handle.commands.send(Command::Stop);
+        }
+    }
+
+    /// Broker tasks still running, including those told to stop that have not finished.
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.load(Ordering::Acquire)
+    }
+
+    /// Whether events are waiting to be drained.
+    pub fn has_events(&self) -> bool {
+        !self.events_rx.is_empty()
+    }
+
+    /// Replace the broker's subscriptions (filter -> QoS). The task subscribes and unsubscribes
+    /// the difference now, and everything again whenever the broker did not keep the session.
+    pub fn set_subscriptions(&self, broker_id: i32, filters: BTreeMap<String, u8>) {
+        if let Some(h) = self.brokers.get(&broker_id) {
+            let _ = h.commands.send(Command::Subscriptions(filters));
+        }
+    }
+
+    /// Queue outbox rows for delivery. Returns false if no task runs for this broker (the rows
+    /// stay unsent).
+    pub fn publish(&self, broker_id: i32, messages: Vec<OutMessage>) -> bool {
+        match self.brokers.get(&broker_id) {
+            Some(h) => h.commands.send(Command::Publish(messages)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Move up to `max` waiting events into `out`. Never blocks.
+    pub fn drain_events(&mut self, out: &mut Vec<Event>, max: usize) {
+        // Clear the flag before draining so that an event sent during the drain wakes us again.
+        self.waker.pending.store(false, Ordering::Release);
+        while out.len() < max {
+            match self.events_rx.try_recv() {
+                Ok((generation, ev)) => {
+                    let current = self.generations.get(&ev.broker_id()) == Some(&generation);
+                    let status_only = matches!(
+                        ev,
+                        Event::Connecting { .. }
+                            | Event::Connected { .. }
+                            | Event::ConnectionLost { .. }
+                            | Event::Warning { .. }
+                            | Event::Stopped { .. }
+                    );
+                    if current || !status_only {
+                        out.push(ev);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if !self.events_rx.is_empty() {
+            // More than one batch is waiting: make sure the worker comes straight back.
+            self.waker.wake();
+        }
+    }
+
+    /// Stop every connection (sending DISCONNECT where possible) and the runtime, waiting at
+    /// most `timeout`.
+    pub fn shutdown(mut self, timeout: Duration) {
+        let ids: Vec<i32> = self.brokers.keys().copied().collect();
+        for id in ids {
+            self.stop_broker(id);
+        }
+        // Give tasks a moment to send DISCONNECT; then drop whatever is left.
+        let deadline = std::time::Instant::now() + timeout.min(DISCONNECT_GRACE * 5);
+        self.runtime.block_on(async {
+            while std::time::Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_millis(20), self.events_rx.recv()).await {
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+        });
+        self.runtime.shutdown_timeout(timeout);
+    }
+}
