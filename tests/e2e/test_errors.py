@@ -90,6 +90,50 @@ def test_publish_payload_at_the_limit_is_accepted(conn, idle_broker):
         raise psycopg.Rollback()  # nothing is left queued
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((None, "x", 0, False), id="null-topic"),
+        pytest.param(("ok/topic", None, 0, False), id="null-payload"),
+        pytest.param(("ok/topic", "x", None, False), id="null-qos"),
+        pytest.param(("ok/topic", "x", 0, None), id="null-retain"),
+    ],
+)
+def test_publish_null_arguments(conn, idle_broker, args):
+    """NULLs are refused with a clear error, never silently ignored (a STRICT function would
+    return NULL and send nothing without a word)."""
+    err = expect_error(conn, "SELECT mqtt_publish(%s, %s::text, %s, %s, %s)", (*args, idle_broker.name), INVALID)
+    assert "NULL" in str(err)
+
+
+def test_errors_say_what_to_do(conn, idle_broker):
+    err = expect_error(conn, PUBLISH, ("plant/+/t", "x", 0, idle_broker.name), INVALID)
+    assert "wildcard" in str(err)
+    assert err.diag.message_hint, "a hint tells how to fix it"
+    err = expect_error(conn, PUBLISH, ("ok/topic", "x", 0, "no_such_broker"), UNDEFINED)
+    assert "no_such_broker" in str(err)
+    assert "mqtt_broker" in err.diag.message_hint
+    err = expect_error(conn, PUBLISH, ("ok/topic", "x", 7, idle_broker.name), INVALID)
+    assert err.diag.message_hint
+
+
+def test_no_broker_at_all(pg):
+    """In a database with no broker row, broker NULL explains how to add one."""
+    name = unique("nobroker")
+    with pg.connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with pg.connect(name) as c:
+            c.execute("CREATE EXTENSION mqtt_pg")
+            for query in ("SELECT mqtt_publish('ok/topic', 'x')", "SELECT mqtt_start_listener()",
+                          "SELECT mqtt_status()", "SELECT mqtt_subscribe('ok/#')"):
+                err = expect_error(c, query, None, UNDEFINED)
+                assert "INSERT INTO mqtt_broker" in err.diag.message_hint
+    finally:
+        with pg.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 # --- mqtt_subscribe / mqtt_unsubscribe --------------------------------------------------------
 
 SUBSCRIBE = "SELECT mqtt_subscribe(%s, %s, %s)"
@@ -113,6 +157,29 @@ def test_subscribe_invalid_arguments(conn, idle_broker, topic_filter, qos):
 
 def test_subscribe_unknown_broker(conn):
     expect_error(conn, SUBSCRIBE, ("ok/#", 0, unique("nosuch")), UNDEFINED)
+
+
+@pytest.mark.parametrize("topic_filter", ["a/#/b", "", None])
+def test_unsubscribe_invalid_filter(conn, idle_broker, topic_filter):
+    expect_error(conn, "SELECT mqtt_unsubscribe(%s, %s)", (topic_filter, idle_broker.name), INVALID)
+
+
+def test_unsubscribe_of_a_filter_never_subscribed_is_false(conn, idle_broker):
+    assert conn.execute("SELECT mqtt_unsubscribe('never/#', %s)", (idle_broker.name,)).fetchone()[0] is False
+
+
+def test_subscribe_null_filter_and_qos(conn, idle_broker):
+    expect_error(conn, SUBSCRIBE, (None, 0, idle_broker.name), INVALID)
+    expect_error(conn, SUBSCRIBE, ("ok/#", None, idle_broker.name), INVALID)
+
+
+def test_subscribe_routing_not_available_yet(conn, idle_broker):
+    """handler and target_table are in the contract but routing is not built yet: say so
+    (0A000) instead of storing something that would never act."""
+    expect_error(conn, "SELECT mqtt_subscribe('ok/#', 0, %s, handler => 'pg_catalog.now()'::regprocedure)",
+                 (idle_broker.name,), "0A000")
+    expect_error(conn, "SELECT mqtt_subscribe('ok/#', 0, %s, target_table => 'mqtt_broker'::regclass)",
+                 (idle_broker.name,), "0A000")
 
 
 def test_unsubscribe_unknown_broker(conn):

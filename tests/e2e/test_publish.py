@@ -200,3 +200,49 @@ def test_commit_to_delivery_latency(conn, broker, mosq, topic, capsys):
         print(f"\n[commit-to-delivery, QoS 1] {summarize_ms(delays)} (first message: {first * 1000:.1f} ms)")
     assert statistics.median(delays) < 1.0
     assert max(delays + [first]) < 2.0, f"slowest commit-to-delivery {max(delays + [first]):.3f}s"
+
+
+def test_messages_wait_for_a_stopped_broker_then_go_in_order(conn, make_broker, mosq, topic):
+    """Committed messages to a broker whose listener is stopped wait in the outbox (counted in
+    mqtt_status) and leave, in commit order, once it is started."""
+    b = make_broker(start=False)
+    t = f"{topic}/waiting"
+    with mqtt_sub(mosq.port, t, qos=1) as sub:
+        for i in range(3):
+            publish(conn, t, f"w{i}", qos=1, broker=b.name)
+        status = conn.execute("SELECT mqtt_status(%s)", (b.name,)).fetchone()[0]
+        assert status["status"] == "stopped"
+        assert status["outbox_depth"] == 3
+        assert len(outbox_ids(conn, t)) == 3
+
+        conn.execute("SELECT mqtt_start_listener(%s)", (b.name,))
+        got = sub.wait_count(3)
+        assert [m[1] for m in got] == [b"w0", b"w1", b"w2"]
+        wait_outbox_empty(conn, t)
+        assert conn.execute("SELECT mqtt_status(%s)->'outbox_depth'", (b.name,)).fetchone()[0] == 0
+
+
+def test_publish_from_a_trigger_follows_the_row_transaction(conn, broker, mosq, topic):
+    """The documented trigger use: a row change publishes, and a rolled-back change does not."""
+    table = f"orders_{abs(hash(topic)) % 10**8}"
+    conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, state text)")
+    conn.execute(f"""
+        CREATE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM mqtt_publish('{topic}/orders/' || NEW.id, to_jsonb(NEW), 1, false, '{broker.name}');
+            RETURN NEW;
+        END $$""")
+    conn.execute(f"CREATE TRIGGER notify AFTER INSERT OR UPDATE ON {table} "
+                 f"FOR EACH ROW EXECUTE FUNCTION {table}_notify()")
+    try:
+        with mqtt_sub(mosq.port, f"{topic}/orders/#", qos=1) as sub:
+            with conn.transaction():
+                conn.execute(f"INSERT INTO {table} VALUES (1, 'draft')")
+                raise psycopg.Rollback()
+            conn.execute(f"INSERT INTO {table} VALUES (2, 'confirmed')")
+            [msg] = sub.wait_count(1)
+            assert msg[0] == f"{topic}/orders/2"
+            assert json.loads(msg[1]) == {"id": 2, "state": "confirmed"}
+    finally:
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"DROP FUNCTION {table}_notify()")
