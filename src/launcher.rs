@@ -159,6 +159,12 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
     }
     SHARED.exclusive().launcher_latch = 0;
     log!("mqtt_pg launcher stopped");
+    // Exit code 1 asks the postmaster to start us again after restart_time; code 0 would end
+    // the launcher for good, so a pg_terminate_backend() on it would silently leave crashed
+    // workers dead and new databases unserved until the next server restart. During a server
+    // shutdown nothing is restarted either way.
+    // SAFETY: proc_exit runs the normal exit callbacks and never returns.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 fn start_worker(dboid: u32) -> Result<DynamicBackgroundWorker, ()> {

@@ -187,3 +187,25 @@ def test_prepared_transaction_is_sent_after_commit_prepared(pg, conn, broker, to
         conn.execute(f"COMMIT PREPARED '{gid}'")
         [msg] = sub.wait_count(1)
         assert msg[:3] == (f"{topic}/p", b"prepared", 1)
+
+
+def test_terminated_launcher_comes_back(pg, conn, broker, topic):
+    """pg_terminate_backend on the launcher is not the end of it: the postmaster starts it
+    again, and it goes on supervising (a worker terminated afterwards is restarted too)."""
+    def launcher_pid():
+        with pg.connect() as c:
+            row = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtt_pg launcher'").fetchone()
+        return row[0] if row else None
+
+    old = launcher_pid()
+    assert old is not None
+    conn.execute("SELECT pg_terminate_backend(%s)", (old,))
+    wait_for(lambda: not pid_alive(old), timeout=5, message="the launcher to exit")
+    new = wait_for(launcher_pid, timeout=30, message="a new launcher")
+    assert new != old
+
+    worker = worker_pid(pg, TEST_DB)
+    conn.execute("SELECT pg_terminate_backend(%s)", (worker,))
+    wait_for(lambda: worker_pid(pg, TEST_DB) not in (None, worker), timeout=30,
+             message="the new launcher to restart the worker")
+    wait_status(conn, broker.name, "connected", timeout=30)
