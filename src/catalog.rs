@@ -15,6 +15,11 @@ thread_local! {
 /// The quoted schema mqtt_pg is installed in, for building schema-qualified SQL: a caller's
 /// search_path must never change what the extension runs. None if it is not installed here.
 pub fn extension_schema() -> Option<String> {
+    extension().map(|(_, schema)| schema)
+}
+
+/// The extension's oid and quoted schema, if it is installed in this database.
+pub fn extension() -> Option<(pg_sys::Oid, String)> {
     // SAFETY: get_extension_oid only reads the catalog; missing_ok = true never raises.
     let oid = unsafe { pg_sys::get_extension_oid(c"mqtt_pg".as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
@@ -25,7 +30,7 @@ pub fn extension_schema() -> Option<String> {
             .as_ref()
             .and_then(|(o, s)| (*o == oid).then(|| s.clone()))
     }) {
-        return Some(s);
+        return Some((oid, s));
     }
     let name: Option<String> = Spi::get_one_with_args(
         "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
@@ -37,7 +42,7 @@ pub fn extension_schema() -> Option<String> {
     .flatten();
     let quoted = quote_identifier(name?);
     SCHEMA.with(|c| *c.borrow_mut() = Some((oid, quoted.clone())));
-    Some(quoted)
+    Some((oid, quoted))
 }
 
 /// The schema, or an error saying the extension is not installed in this database.

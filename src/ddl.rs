@@ -53,11 +53,38 @@ unsafe fn exclusive_database(stmt: *mut pg_sys::Node) -> Option<&'static CStr> {
     }
 }
 
-/// Ask the worker of `dbname` (if any) to leave the database.
+/// Whether the current user owns the database (superusers own everything).
+///
+/// # Safety
+/// A catalog look-up: call inside a transaction.
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+unsafe fn owns_database(oid: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::pg_database_ownercheck(oid, pg_sys::GetUserId()) }
+}
+
+/// Whether the current user owns the database (superusers own everything).
+///
+/// # Safety
+/// A catalog look-up: call inside a transaction.
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+unsafe fn owns_database(oid: pg_sys::Oid) -> bool {
+    unsafe { pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, oid, pg_sys::GetUserId()) }
+}
+
+/// Ask the worker of `dbname` (if any) to leave the database, but only when the command can
+/// succeed as far as we can tell: run by the database's owner (or a superuser) and outside a
+/// transaction block. Anyone else would otherwise knock MQTT offline with a command that then
+/// fails on its own checks.
 fn step_aside(dbname: &CStr) {
-    // SAFETY: a catalog look-up; missing_ok = true never raises.
-    let oid = unsafe { pg_sys::get_database_oid(dbname.as_ptr(), true) };
-    if oid == pg_sys::InvalidOid {
+    // SAFETY: catalog look-ups and plain reads of this backend's state; missing_ok = true
+    // never raises.
+    let (oid, allowed) = unsafe {
+        let oid = pg_sys::get_database_oid(dbname.as_ptr(), true);
+        let allowed =
+            oid != pg_sys::InvalidOid && !pg_sys::IsTransactionBlock() && owns_database(oid);
+        (oid, allowed)
+    };
+    if !allowed {
         return;
     }
     let pid = {

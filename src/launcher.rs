@@ -3,11 +3,12 @@
 //! A background worker connects to exactly one database, and mqtt_pg serves every database it
 //! is installed in, so a launcher (connected to none, like autovacuum's) watches `pg_database`
 //! and the slots in shared memory. At start it probes every database once; afterwards a
-//! database gets a worker when a backend there asks for one (any mqtt_pg call or configuration
-//! change wakes it through `wake::wake_now`). A worker that dies is started again after a pause;
-//! one that finds no extension is left alone until asked.
+//! database gets a worker when a backend there asks for one (CREATE EXTENSION, any mqtt_pg
+//! configuration change, any publish: see `wake::wake_now`). A worker that dies is started
+//! again after a pause; one that finds no extension gives its slot back and is left alone
+//! until asked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use pgrx::bgworkers::{
@@ -62,24 +63,24 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
     log!("mqtt_pg launcher started");
 
     let mut handles: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
+    // After a (re)start nobody remembers which databases use mqtt_pg: probe each once, a few at
+    // a time. A probe that finds no extension gives its slot back, so the 32 slots are only
+    // ever held by databases that use mqtt_pg, however many databases the cluster has.
+    let mut to_probe: VecDeque<u32> = VecDeque::new();
     let mut first = true;
+    let mut warned_full = false;
     loop {
         let databases = BackgroundWorker::transaction(catalog::database_oids);
+        if first {
+            to_probe.extend(databases.iter().copied());
+            first = false;
+        }
+        to_probe.retain(|oid| databases.contains(oid));
         let now = shmem::now_us();
         let mut to_start = Vec::new();
         let mut next_wake = NAPTIME;
         {
             let mut shared = SHARED.exclusive();
-            if first {
-                // After a (re)start nobody remembers which databases use mqtt_pg: ask each.
-                for &oid in &databases {
-                    if let Some(slot) = shared.db_claim(oid) {
-                        if slot.state == DbState::Free || slot.state == DbState::NoExtension {
-                            slot.state = DbState::Wanted;
-                        }
-                    }
-                }
-            }
             let mut starting = shared
                 .dbs
                 .iter()
@@ -89,47 +90,71 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
                 if slot.state == DbState::Free {
                     continue;
                 }
+                let has_worker = matches!(slot.state, DbState::Starting | DbState::Running);
+                let is_alive = has_worker && alive(handles.get(&slot.dboid), slot.pid);
                 if !databases.contains(&slot.dboid) {
-                    handles.remove(&slot.dboid);
-                    slot.clear();
+                    // Dropped, or no longer accepting connections: its worker must go too, and
+                    // the slot is only given back once it has (never two workers for one
+                    // database).
+                    if is_alive {
+                        if slot.pid > 0 {
+                            // SAFETY: signalling our own worker; SIGTERM ends its loop.
+                            unsafe { libc::kill(slot.pid, libc::SIGTERM) };
+                        }
+                        next_wake = next_wake.min(Duration::from_millis(500));
+                    } else {
+                        handles.remove(&slot.dboid);
+                        slot.clear();
+                    }
                     continue;
                 }
-                match slot.state {
-                    DbState::Starting | DbState::Running
-                        if !alive(handles.get(&slot.dboid), slot.pid) =>
-                    {
-                        // It stopped without saying it found no extension: an error, a crash or
-                        // pg_terminate_backend. Start it again after a pause.
-                        handles.remove(&slot.dboid);
-                        slot.state = DbState::Wanted;
-                        slot.pid = 0;
-                        slot.latch = 0;
-                        slot.not_before_us = now + RESTART_DELAY_US;
-                    }
-                    _ => {}
+                if has_worker && !is_alive {
+                    // It stopped without giving its slot back: an error, a crash or
+                    // pg_terminate_backend. Start it again after a pause.
+                    handles.remove(&slot.dboid);
+                    slot.state = DbState::Wanted;
+                    slot.pid = 0;
+                    slot.latch = 0;
+                    slot.not_before_us = now + RESTART_DELAY_US;
                 }
                 if slot.state == DbState::Wanted {
-                    if slot.not_before_us <= now && starting < MAX_STARTING {
+                    if slot.not_before_us > now {
+                        let wait = Duration::from_micros((slot.not_before_us - now) as u64);
+                        next_wake = next_wake.min(wait);
+                    } else if starting < MAX_STARTING {
                         slot.state = DbState::Starting;
                         starting += 1;
                         to_start.push(slot.dboid);
-                    } else if slot.not_before_us <= now {
-                        // Woken again when a starting worker claims its slot or exits.
-                    } else {
-                        let wait = Duration::from_micros((slot.not_before_us - now) as u64);
-                        next_wake = next_wake.min(wait);
+                    }
+                    // else: woken again when a starting worker claims its slot or exits.
+                }
+            }
+            while starting < MAX_STARTING {
+                let Some(oid) = to_probe.pop_front() else {
+                    break;
+                };
+                if shared.db(oid).is_some() {
+                    continue; // already served, or asked for
+                }
+                match shared.db_claim(oid) {
+                    Some(slot) => {
+                        slot.state = DbState::Starting;
+                        starting += 1;
+                        to_start.push(oid);
+                    }
+                    None => {
+                        to_probe.push_front(oid);
+                        if !warned_full {
+                            warning!(
+                                "mqtt_pg serves at most {MAX_DATABASES} databases at once; database {oid} waits for a free slot"
+                            );
+                            warned_full = true;
+                        }
+                        break;
                     }
                 }
             }
-            if shared.dbs.iter().all(|d| d.state != DbState::Free)
-                && databases.len() > MAX_DATABASES
-            {
-                warning!(
-                    "mqtt_pg serves at most {MAX_DATABASES} databases; some databases get no worker"
-                );
-            }
         }
-        first = false;
 
         for oid in to_start {
             match start_worker(oid) {

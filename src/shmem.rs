@@ -25,8 +25,6 @@ pub enum DbState {
     /// The launcher registered a worker that has not claimed the slot yet.
     Starting,
     Running,
-    /// A worker looked and found no mqtt_pg extension: do not start another until asked.
-    NoExtension,
 }
 
 /// What a broker connection is doing, as `mqtt_status()` reports it.

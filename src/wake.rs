@@ -47,7 +47,7 @@ pub fn wake_now(flags: u32) {
                     slot.wake_flags |= flags;
                     slot.latch
                 }
-                DbState::Free | DbState::Wanted | DbState::NoExtension => {
+                DbState::Free | DbState::Wanted => {
                     slot.state = DbState::Wanted;
                     slot.wake_flags |= flags;
                     launcher

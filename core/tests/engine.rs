@@ -49,7 +49,8 @@ fn connects() {
                 Event::Connecting { broker_id: 1 },
                 Event::Connected {
                     broker_id: 1,
-                    session_present: false
+                    session_present: false,
+                    epoch: 1
                 }
             ]
         ),
@@ -99,7 +100,7 @@ fn publish_qos_0_1_2() {
             qos_of.insert(id, qos);
         }
     }
-    assert!(h.engine().publish(1, msgs));
+    assert!(h.publish(1, msgs));
 
     let mut events = h.wait_until("9 Delivered events", WAIT, |s| delivered(s).len() >= 9);
     let got = sub.finish();
@@ -309,7 +310,7 @@ fn order_of_1000_qos1() {
         .map(|i| out(i, "eng/order/seq", &payload(i), 1))
         .collect();
     let t = Instant::now();
-    assert!(h.engine().publish(1, msgs));
+    assert!(h.publish(1, msgs));
     let events = h.wait_until("1000 Delivered events", WAIT, |s| {
         delivered(s).len() >= N as usize
     });
@@ -433,7 +434,8 @@ fn broker_restart() {
                     | Event::ConnectionLost { broker_id: 1, .. }
                     | Event::Connected {
                         broker_id: 1,
-                        session_present: false
+                        session_present: false,
+                        ..
                     }
             ),
             "unexpected {} while reconnecting",
@@ -505,7 +507,7 @@ fn change_broker_then_stop() {
     assert_no_trouble(&ev);
     wait_tasks(&mut h, 0);
     b.wait_log(&format!("Client {cid} disconnected."), 1);
-    assert!(!h.engine().publish(1, vec![out(1, "eng/m/x", b"x", 0)]));
+    assert!(!h.publish(1, vec![out(1, "eng/m/x", b"x", 0)]));
     let later = h.collect_for(Duration::from_millis(200));
     assert!(later.is_empty(), "events after Stopped: {later:?}");
 }
@@ -671,7 +673,7 @@ fn oversized_publish_is_rejected() {
     let topic = "eng/big/t";
     // The engine's estimate: payload + topic + 9 bytes of headers must not exceed the limit.
     let fits = 1024 - topic.len() - 9;
-    assert!(h.engine().publish(
+    assert!(h.publish(
         1,
         vec![
             out(1, topic, &vec![1; 2000], 1),
@@ -743,7 +745,7 @@ fn deliveries_after_a_write_timeout_are_attributed_correctly() {
     broker.signal("STOP");
     let big = vec![0x5a; 1 << 20];
     let msgs = (1..=48).map(|i| out(i, "eng/stale/big", &big, 0)).collect();
-    assert!(h.engine().publish(1, msgs));
+    assert!(h.publish(1, msgs));
     let ev = h.wait_until(
         "ConnectionLost (the write to the frozen broker times out)",
         Duration::from_secs(20),
@@ -761,16 +763,21 @@ fn deliveries_after_a_write_timeout_are_attributed_correctly() {
     );
     assert!(ev.iter().all(|e| !matches!(e, Event::Connected { .. })));
 
-    // The engine now waits 1-2 s before the next attempt. Rows handed over meanwhile go out
-    // on the next connection.
-    assert!(h.engine().publish(
+    // The engine now waits 1-2 s before the next attempt. Rows handed over meanwhile, for
+    // the connection that is gone, are dropped (the worker resends them after Connected):
+    // only the rows published on the new connection go out, credited to the right ids.
+    let stale_epoch = h.epoch(1);
+    assert!(h.publish(1, vec![out(999, "eng/stale/x0", b"x0", 1)]));
+    broker.restart();
+    h.wait_for("Connected again", |e| matches!(e, Event::Connected { .. }));
+    assert_eq!(h.epoch(1), stale_epoch + 1);
+    assert!(h.publish(
         1,
         vec![
             out(1001, "eng/stale/x1", b"x1", 1),
             out(1002, "eng/stale/x2", b"x2", 1),
         ]
     ));
-    broker.restart();
     let ev = h.wait_until(
         "Received x1 and x2 back (they reached the broker)",
         WAIT,
@@ -785,11 +792,11 @@ fn deliveries_after_a_write_timeout_are_attributed_correctly() {
             .into_iter()
             .map(|(_, e)| e),
     );
-    let after_connect: Vec<Event> = all
-        .iter()
-        .skip_while(|e| !matches!(e, Event::Connected { .. }))
-        .cloned()
-        .collect();
+    assert!(
+        !all.iter().any(|e| is_received_on(e, "eng/stale/x0")),
+        "a row handed over for the dead connection was sent on the new one"
+    );
+    let after_connect = all;
     let mut d: Vec<i64> = delivered(&after_connect).iter().map(|x| x.0).collect();
     d.sort();
     assert_eq!(
@@ -800,4 +807,487 @@ fn deliveries_after_a_write_timeout_are_attributed_correctly() {
         delivered(&after_connect),
         describe(&after_connect)
     );
+}
+
+/// 12. QoS 1 and QoS 2 publishes mixed, with packet ids wrapping many times (rumqttc frees a
+///     QoS 2 packet id at PUBREC, so a later publish reuses it while the PUBCOMP is still
+///     due): every outbox id is Delivered exactly once, with the packet id the broker saw on
+///     that row's PUBLISH, and an independent subscriber gets all of them.
+#[test]
+fn mixed_qos_1_and_2_with_wrapping_packet_ids() {
+    const N: i64 = 3000;
+    let broker = Broker::start();
+    let mut h = Harness::new(8192);
+    let cid = client_id("mixed");
+    let cfg = config(1, broker.port, "mixed");
+    assert_eq!(cfg.max_inflight, 100);
+    h.connect(cfg);
+    let sub = Sub::start(&broker, &client_id("mixed-sub"), "eng/mix/#", 2, N as usize);
+
+    let qos = |i: i64| if i % 7 == 0 { 2 } else { 1 };
+    let topic = |i: i64| format!("eng/mix/{i:04}");
+    let payload = |i: i64| format!("mix-{i:04}").into_bytes();
+    let msgs = (1..=N)
+        .map(|i| out(i, &topic(i), &payload(i), qos(i)))
+        .collect();
+    let t = Instant::now();
+    assert!(h.publish(1, msgs));
+    let mut events = h.wait_until("3000 Delivered events", Duration::from_secs(20), |s| {
+        delivered(s).len() >= N as usize
+    });
+    let took = t.elapsed();
+    let got = sub.finish();
+    events.extend(
+        h.collect_for(Duration::from_millis(300))
+            .into_iter()
+            .map(|(_, e)| e),
+    );
+    eprintln!("{N} mixed QoS 1/2 publishes Delivered in {took:?}");
+    assert_no_trouble(&events);
+
+    // The packet id each row went out with, from the broker's log (topics are unique).
+    let sent = broker.publishes_from(&cid);
+    assert_eq!(sent.len(), N as usize, "PUBLISH count in the broker log");
+    let mut pkid_of: BTreeMap<String, (u8, u16)> = BTreeMap::new();
+    for (t, q, m) in &sent {
+        assert!(
+            pkid_of.insert(t.clone(), (*q, *m)).is_none(),
+            "{t} published twice"
+        );
+    }
+    let distinct: std::collections::BTreeSet<u16> = sent.iter().map(|x| x.2).collect();
+    assert!(
+        distinct.len() <= 100 && distinct.iter().all(|p| (1..=100).contains(p)),
+        "packet ids outside 1..=100 with max_inflight 100: {distinct:?}"
+    );
+
+    let d = delivered(&events);
+    let mut ids: Vec<i64> = d.iter().map(|x| x.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(d.len(), N as usize, "duplicate Delivered events");
+    assert_eq!(ids, (1..=N).collect::<Vec<_>>());
+    let mut qos2_checked = 0;
+    for (id, pkid) in &d {
+        let (q, m) = pkid_of[&topic(*id)];
+        assert_eq!(q, qos(*id), "outbox {id} went out at QoS {q}");
+        assert_eq!(
+            *pkid,
+            Some(m),
+            "outbox {id} (QoS {q}) was published as m{m} but Delivered with pkid {pkid:?}"
+        );
+        qos2_checked += usize::from(q == 2);
+    }
+    assert_eq!(qos2_checked, (N / 7) as usize);
+
+    let mut want: Vec<(String, u8, Vec<u8>)> =
+        (1..=N).map(|i| (topic(i), qos(i), payload(i))).collect();
+    let mut have: Vec<(String, u8, Vec<u8>)> = got
+        .into_iter()
+        .map(|m| {
+            assert!(!m.retain);
+            (m.topic, m.qos, m.payload)
+        })
+        .collect();
+    want.sort();
+    have.sort();
+    assert!(
+        have == want,
+        "the subscriber did not get exactly the 3000 messages"
+    );
+}
+
+/// 13. Subscription changes made while rumqttc's request channel is full (a publish backlog
+///     to a frozen broker) are not lost: once the broker runs again the new filter is
+///     subscribed and the removed one unsubscribed (or, should the frozen broker have cost
+///     the connection, the new session subscribes only what is wanted).
+#[test]
+fn subscription_changes_during_a_publish_backlog() {
+    const N: i64 = 5000;
+    let broker = Broker::start();
+    let mut h = Harness::new(8192);
+    let cid = client_id("subbacklog");
+    h.connect(config(1, broker.port, "subbacklog"));
+    h.subscribe(
+        &broker,
+        1,
+        &cid,
+        &[("eng/sc/old/#", 1), ("eng/sc/keep/#", 1)],
+    );
+
+    broker.signal("STOP");
+    let msgs = (1..=N)
+        .map(|i| out(i, "eng/sc/bulk", format!("b{i}").as_bytes(), 1))
+        .collect();
+    assert!(h.publish(1, msgs));
+    h.engine()
+        .set_subscriptions(1, subs(&[("eng/sc/keep/#", 1), ("eng/sc/new/#", 1)]));
+    // Nothing observable tells when the engine has taken the two commands (it cannot reach
+    // the broker); give it a moment so the change meets the full channel.
+    std::thread::sleep(Duration::from_millis(300));
+    broker.signal("CONT");
+
+    let has_sub =
+        |p: &LoggedSub, f: &str| matches!(p, LoggedSub::Subscribe(v) if v.iter().any(|x| x.0 == f));
+    let has_unsub =
+        |p: &LoggedSub, f: &str| matches!(p, LoggedSub::Unsubscribe(v) if v.iter().any(|x| x == f));
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let packets = loop {
+        let p = broker.sub_packets(&cid);
+        let subscribed = p.iter().any(|(_, x)| has_sub(x, "eng/sc/new/#"));
+        let unsubscribed = p.iter().any(|(_, x)| has_unsub(x, "eng/sc/old/#"));
+        if subscribed && (unsubscribed || broker.connects(&cid) > 1) {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SUBSCRIBE of eng/sc/new/# and UNSUBSCRIBE of eng/sc/old/# in the broker log: \
+             {p:?}"
+        );
+        // Keep the events flowing (the engine must not block on them).
+        events.extend(
+            h.collect_for(Duration::from_millis(20))
+                .into_iter()
+                .map(|(_, e)| e),
+        );
+    };
+    let reconnected = broker.connects(&cid) > 1;
+    eprintln!("subscription packets (reconnected: {reconnected}): {packets:?}");
+    // The removed filter was never subscribed again, on any connection.
+    assert_eq!(
+        packets
+            .iter()
+            .filter(|(_, x)| has_sub(x, "eng/sc/old/#"))
+            .count(),
+        1,
+        "{packets:?}"
+    );
+    if !reconnected {
+        assert_eq!(
+            packets,
+            [
+                (
+                    1,
+                    LoggedSub::Subscribe(vec![
+                        ("eng/sc/keep/#".into(), 1),
+                        ("eng/sc/old/#".into(), 1)
+                    ])
+                ),
+                (1, LoggedSub::Unsubscribe(vec!["eng/sc/old/#".into()])),
+                (1, LoggedSub::Subscribe(vec![("eng/sc/new/#".into(), 1)])),
+            ]
+        );
+    }
+
+    mosquitto_pub(
+        &broker,
+        &["-q", "1", "-t", "eng/sc/old/x", "-m", "removed"],
+        None,
+    );
+    mosquitto_pub(
+        &broker,
+        &["-q", "1", "-t", "eng/sc/new/x", "-m", "added"],
+        None,
+    );
+    events.extend(
+        h.wait_until("Received on eng/sc/new/x", Duration::from_secs(20), |s| {
+            s.iter().any(|e| is_received_on(e, "eng/sc/new/x"))
+        }),
+    );
+    let r = received(&events);
+    assert_eq!(
+        r.iter()
+            .map(|m| (m.topic.as_str(), &m.payload[..]))
+            .collect::<Vec<_>>(),
+        [("eng/sc/new/x", &b"added"[..])]
+    );
+
+    if !reconnected {
+        // The backlog itself went out completely, once per row.
+        let have = delivered(&events).len();
+        if have < N as usize {
+            events.extend(h.wait_until("the rest of 5000 Delivered", WAIT, |s| {
+                have + delivered(s).len() >= N as usize
+            }));
+        }
+        events.extend(
+            h.collect_for(Duration::from_millis(200))
+                .into_iter()
+                .map(|(_, e)| e),
+        );
+        assert_no_trouble(&events);
+        let mut ids: Vec<i64> = delivered(&events).iter().map(|x| x.0).collect();
+        ids.sort();
+        assert_eq!(ids, (1..=N).collect::<Vec<_>>());
+    }
+}
+
+/// 14. Rows handed over with the epoch of another connection are dropped (the worker resends
+///     them after the Connected it has not seen yet); rows with the current epoch go out.
+#[test]
+fn publish_with_a_wrong_epoch_is_dropped() {
+    let broker = Broker::start();
+    let mut h = Harness::new(1024);
+    let cid = client_id("epoch");
+    let seen = h.connect(config(1, broker.port, "epoch"));
+    assert!(
+        matches!(seen.last(), Some(Event::Connected { epoch: 1, .. })),
+        "{seen:?}"
+    );
+    assert_eq!(h.epoch(1), 1);
+    let sub = Sub::start(&broker, &client_id("epoch-sub"), "eng/epoch/#", 1, 1);
+
+    // Epoch 0 (no connection seen yet) and 2 (a connection that does not exist yet).
+    assert!(h.engine().publish(
+        1,
+        0,
+        vec![
+            out(1, "eng/epoch/wrong0", b"w0", 1),
+            out(2, "eng/epoch/wrong0", b"w0", 0),
+        ]
+    ));
+    assert!(h
+        .engine()
+        .publish(1, 2, vec![out(3, "eng/epoch/wrong2", b"w2", 1)]));
+    // Commands are handled in order: had the rows above been sent, they would come first.
+    assert!(h.publish(1, vec![out(4, "eng/epoch/marker", b"marker", 1)]));
+
+    let mut events = h.wait_for("Delivered of the marker", |e| {
+        matches!(e, Event::Delivered { outbox_id: 4, .. })
+    });
+    let got = sub.finish();
+    events.extend(
+        h.collect_for(Duration::from_millis(300))
+            .into_iter()
+            .map(|(_, e)| e),
+    );
+    assert_no_trouble(&events);
+    assert_eq!(
+        delivered(&events).iter().map(|x| x.0).collect::<Vec<_>>(),
+        [4],
+        "{}",
+        describe(&events)
+    );
+    assert_eq!(
+        got.iter()
+            .map(|m| (m.topic.as_str(), &m.payload[..]))
+            .collect::<Vec<_>>(),
+        [("eng/epoch/marker", &b"marker"[..])]
+    );
+    assert_eq!(
+        broker
+            .publishes_from(&cid)
+            .into_iter()
+            .map(|x| x.0)
+            .collect::<Vec<_>>(),
+        ["eng/epoch/marker"]
+    );
+}
+
+/// 15. Outbox rows with topics that cannot be published to ("a/+/b", "a/#", "") are Rejected
+///     and do not stall the rows behind them, which are Delivered and received in order.
+#[test]
+fn invalid_topics_are_rejected() {
+    let broker = Broker::start();
+    let mut h = Harness::new(1024);
+    let cid = client_id("badtopic");
+    h.connect(config(1, broker.port, "badtopic"));
+    let sub = Sub::start(&broker, &client_id("badtopic-sub"), "eng/bt/#", 2, 4);
+
+    assert!(h.publish(
+        1,
+        vec![
+            out(1, "eng/bt/1", b"one", 1),
+            out(2, "a/+/b", b"plus", 1),
+            out(3, "eng/bt/3", b"three", 1),
+            out(4, "a/#", b"hash", 2),
+            out(5, "eng/bt/5", b"five", 1),
+            out(6, "", b"empty", 0),
+            out(7, "eng/bt/7", b"seven", 1),
+        ]
+    ));
+    let mut events = h.wait_until("3 Rejected and 4 Delivered", WAIT, |s| {
+        delivered(s).len()
+            + s.iter()
+                .filter(|e| matches!(e, Event::Rejected { .. }))
+                .count()
+            >= 7
+    });
+    let got = sub.finish();
+    events.extend(
+        h.collect_for(Duration::from_millis(300))
+            .into_iter()
+            .map(|(_, e)| e),
+    );
+
+    let mut rejected = Vec::new();
+    for e in &events {
+        match e {
+            Event::Rejected {
+                broker_id: 1,
+                outbox_id,
+                error,
+            } => {
+                let why = if *outbox_id == 6 {
+                    "topic must not be empty"
+                } else {
+                    "topic must not contain the wildcard characters '+' or '#'"
+                };
+                assert!(
+                    error.contains("invalid topic") && error.contains(why),
+                    "outbox {outbox_id}: {error:?}"
+                );
+                rejected.push(*outbox_id);
+            }
+            Event::Delivered { broker_id: 1, .. } => {}
+            other => panic!("unexpected {}", describe_one(other)),
+        }
+    }
+    assert_eq!(rejected, [2, 4, 6]);
+    let mut d: Vec<i64> = delivered(&events).iter().map(|x| x.0).collect();
+    d.sort();
+    assert_eq!(d, [1, 3, 5, 7]);
+    assert_eq!(
+        got.iter()
+            .map(|m| (m.topic.as_str(), m.qos, &m.payload[..]))
+            .collect::<Vec<_>>(),
+        [
+            ("eng/bt/1", 1, &b"one"[..]),
+            ("eng/bt/3", 1, &b"three"[..]),
+            ("eng/bt/5", 1, &b"five"[..]),
+            ("eng/bt/7", 1, &b"seven"[..]),
+        ]
+    );
+    // Nothing invalid reached the broker, and the connection never dropped.
+    assert_eq!(broker.publishes_from(&cid).len(), 4);
+    assert_eq!(broker.connects(&cid), 1);
+}
+
+/// 16. A broker that accepts the connection and drops it at once must not reset the backoff:
+///     it only resets after a connection stayed up for a while, so the attempts still spread
+///     out exponentially.
+#[test]
+fn backoff_grows_when_the_broker_drops_us_after_connack() {
+    let fake = FlakyBroker::start();
+    let target = format!("127.0.0.1:{}", fake.port);
+    let mut h = Harness::new(1024);
+    let mut cfg = config(1, fake.port, "flaky");
+    cfg.reconnect_min = Duration::from_millis(100);
+    cfg.reconnect_max = Duration::from_millis(1600);
+    assert_eq!(h.engine().set_brokers(vec![cfg]), vec![1]);
+    let t0 = Instant::now();
+    let window = Duration::from_secs(4);
+    let timeline = h.collect_for(window);
+    let shown = timeline
+        .iter()
+        .map(|(t, e)| {
+            format!(
+                "  +{}ms {}",
+                t.duration_since(t0).as_millis(),
+                describe_one(e)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("timeline against a broker that drops us after CONNACK:\n{shown}");
+
+    let mut connecting = Vec::new();
+    let mut connected = 0;
+    for (t, e) in &timeline {
+        match e {
+            Event::Connecting { broker_id: 1 } => connecting.push(*t),
+            Event::Connected { broker_id: 1, .. } => connected += 1,
+            Event::ConnectionLost {
+                broker_id: 1,
+                error,
+            } => assert!(error.contains(&target), "{error:?} does not name {target}"),
+            other => panic!("unexpected {}:\n{shown}", describe_one(other)),
+        }
+    }
+    // Delays >= 50, 100, 200, 400, 800, 800, ... ms: at most 8 CONNACKs fit in 4 s (a backoff
+    // reset by each CONNACK would allow 40 or more).
+    assert!(
+        (3..=8).contains(&connected),
+        "{connected} Connected in {window:?}:\n{shown}"
+    );
+    assert!(fake.accepted.load(std::sync::atomic::Ordering::Acquire) >= connected);
+    let gaps: Vec<Duration> = connecting.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 4, "{gaps:?}:\n{shown}");
+    for (k, g) in gaps.iter().enumerate() {
+        let nominal = Duration::from_millis(100u64 << k.min(4)).min(Duration::from_millis(1600));
+        // Event times are drain times: allow a little for the drains.
+        let floor = (nominal / 2).saturating_sub(Duration::from_millis(15));
+        let ceiling = nominal + Duration::from_millis(500);
+        assert!(
+            *g >= floor && *g <= ceiling,
+            "attempt {} came {g:?} after the previous one, outside [{floor:?}, {ceiling:?}] \
+             (nominal {nominal:?}):\n{shown}",
+            k + 1
+        );
+    }
+    assert!(gaps[3] > gaps[0] * 2, "gaps do not grow: {gaps:?}");
+}
+
+/// 17. Stopping a connection that has read more than the worker has drained keeps every
+///     message the engine acknowledged: each PUBACK the broker got from us is a Received.
+#[test]
+fn stop_keeps_buffered_received_messages() {
+    const N: usize = 2000;
+    let broker = Broker::start();
+    let mut h = Harness::new(64);
+    let cid = client_id("stopbuf");
+    h.connect(config(1, broker.port, "stopbuf"));
+    h.subscribe(&broker, 1, &cid, &[("eng/sbuf/#", 1)]);
+
+    let lines: String = (0..N).map(|i| format!("s-{i:05}\n")).collect();
+    let mut publisher = spawn_mosquitto_pub(
+        &broker,
+        &["-l", "-q", "1", "-t", "eng/sbuf/x"],
+        lines.into_bytes(),
+    );
+    let child = publisher.0.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_pub -l did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "mosquitto_pub -l failed: {status}");
+    // The engine has read (and acknowledged) more than its 64 event slots hold.
+    let pubacks = format!("Received PUBACK from {cid} ");
+    broker.wait_log(&pubacks, 64);
+    assert!(h.engine().has_events());
+
+    assert_eq!(h.engine().set_brokers(Vec::new()), Vec::<i32>::new());
+    let events = h.wait_for("Stopped", |e| matches!(e, Event::Stopped { broker_id: 1 }));
+    // Every PUBACK we sent has reached the broker once it logs the end of the connection.
+    let bye = [
+        format!("Client {cid} disconnected"),
+        format!("Client {cid} closed its connection"),
+    ];
+    wait_until("the broker to log our disconnect", WAIT, || {
+        bye.iter().any(|b| broker.log_count(b) > 0)
+    });
+    let acked = broker.log_count(&pubacks);
+    assert_no_trouble(&events);
+    let r = received(&events);
+    eprintln!(
+        "stopped after {} Received, {acked} PUBACKs logged by the broker",
+        r.len()
+    );
+    assert!(
+        r.len() >= acked,
+        "the broker got {acked} PUBACKs from us but only {} messages were Received",
+        r.len()
+    );
+    // No duplicates, nothing skipped: a prefix of what was published, in order.
+    let got: Vec<String> = r
+        .iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    let want: Vec<String> = (0..got.len()).map(|i| format!("s-{i:05}")).collect();
+    assert!(got == want, "messages out of order, duplicated or skipped");
 }

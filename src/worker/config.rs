@@ -47,6 +47,14 @@ pub fn load(schema: &str) -> Vec<Loaded> {
                         .to_string(),
                 );
                 None
+            } else if !get_b(10) {
+                // rumqttc 0.25 cannot resume a session safely yet (a resent PUBREL loops on
+                // "unsolicited"): refuse rather than reconnect for ever.
+                problem = Some(
+                    "persistent sessions are not supported by this build yet (mqtt_broker.clean_session = false)"
+                        .to_string(),
+                );
+                None
             } else if port == 0 {
                 problem = Some(format!("invalid port {} for broker \"{name}\"", get_i(4)));
                 None

@@ -33,6 +33,8 @@ struct BrokerRuntime {
     config: Option<BrokerConfig>,
     subs: BTreeMap<String, u8>,
     connected: bool,
+    /// Epoch of the connection the worker last heard of (see `Engine::publish`).
+    epoch: u64,
     ever_connected: bool,
     /// Outbox ids handed to the engine and not yet acknowledged.
     in_flight: HashSet<i64>,
@@ -40,6 +42,9 @@ struct BrokerRuntime {
 
 struct Worker {
     dboid: u32,
+    /// The extension this worker serves (its oid) and the schema it lives in. A DROP and
+    /// CREATE EXTENSION gives a new oid: new tables, new ids, so the worker starts afresh.
+    extension: pg_sys::Oid,
     schema: String,
     engine: Engine,
     brokers: HashMap<i32, BrokerRuntime>,
@@ -52,16 +57,23 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+    // The worker runs as a superuser in a database whose owner may create objects: pin the
+    // search path so no function or operator of theirs can ever stand in for a built-in one.
+    // SAFETY: setting a GUC of this process, before any transaction uses it.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
 
     if !claim_slot(dboid) {
         return; // another worker serves this database
     }
-    let Some(schema) = BackgroundWorker::transaction(catalog::extension_schema) else {
-        if let Some(slot) = SHARED.exclusive().db_mut(dboid) {
-            slot.state = DbState::NoExtension;
-            slot.pid = 0;
-            slot.latch = 0;
-        }
+    let Some((extension, schema)) = BackgroundWorker::transaction(catalog::extension) else {
+        release_slot(dboid);
         return;
     };
 
@@ -79,13 +91,52 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
 
     let mut worker = Worker {
         dboid,
+        extension,
         schema,
         engine,
         brokers: HashMap::new(),
     };
-    worker.run(&wake_rx);
+    let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
+    match why {
+        Exit::Stop => {}
+        Exit::ExtensionChanged => release_slot(dboid),
+        Exit::SlotLost => warning!("mqtt_pg worker for database {dboid}: another worker took over"),
+    }
     log!("mqtt_pg worker for database {dboid} stopped");
+}
+
+/// Why the worker's loop ended.
+enum Exit {
+    /// SIGTERM: the launcher starts a new worker after a pause (unless the server is stopping).
+    Stop,
+    /// The extension was dropped (or dropped and created again).
+    ExtensionChanged,
+    /// The slot is no longer ours (the launcher gave it away): leave it alone.
+    SlotLost,
+}
+
+/// Give up this database's slot after finding no extension (or seeing it dropped). A backend
+/// that asked for a worker meanwhile (CREATE EXTENSION) left a wake flag: then the slot goes
+/// back to Wanted, so the launcher starts a fresh worker at once.
+fn release_slot(dboid: u32) {
+    let launcher = {
+        let mut shared = SHARED.exclusive();
+        let launcher = shared.launcher_latch;
+        match shared.db_mut(dboid) {
+            Some(slot) if slot.wake_flags & WAKE_CONFIG != 0 => {
+                slot.state = DbState::Wanted;
+                slot.pid = 0;
+                slot.latch = 0;
+                slot.not_before_us = 0;
+            }
+            Some(slot) => slot.clear(),
+            None => {}
+        }
+        launcher
+    };
+    // SAFETY: the launcher's latch is a PGPROC latch (see shmem::set_latch).
+    unsafe { shmem::set_latch(launcher) };
 }
 
 /// Take this database's slot. False when another live worker already holds it.
@@ -108,7 +159,11 @@ fn claim_slot(dboid: u32) -> bool {
     slot.state = DbState::Running;
     slot.pid = my_pid;
     slot.latch = shmem::my_latch();
-    slot.wake_flags = 0;
+    // The launcher starts a few workers at a time: tell it this one is up.
+    let launcher = shared.launcher_latch;
+    drop(shared);
+    // SAFETY: the launcher's latch is a PGPROC latch (see shmem::set_latch).
+    unsafe { shmem::set_latch(launcher) };
     true
 }
 
@@ -157,7 +212,7 @@ fn drain(socket: &UnixStream) {
 }
 
 impl Worker {
-    fn run(&mut self, wake_rx: &UnixStream) {
+    fn run(&mut self, wake_rx: &UnixStream) -> Exit {
         let mut last_poll: Option<Instant> = None;
         loop {
             let interval = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
@@ -166,7 +221,7 @@ impl Worker {
                 .unwrap_or_default();
             wait(wake_rx.as_raw_fd(), timeout);
             if BackgroundWorker::sigterm_received() {
-                return;
+                return Exit::Stop;
             }
             if BackgroundWorker::sighup_received() {
                 // SAFETY: reloading the configuration file is what SIGHUP asks for.
@@ -175,19 +230,15 @@ impl Worker {
             pgrx::check_for_interrupts!();
             drain(wake_rx);
 
-            let flags = self.take_wake_flags();
+            let Some(flags) = self.take_wake_flags() else {
+                return Exit::SlotLost;
+            };
             let tick = last_poll.is_none_or(|t| t.elapsed() >= interval);
             if tick {
                 last_poll = Some(Instant::now());
             }
             if (tick || flags & WAKE_CONFIG != 0) && !self.reload_config() {
-                // The extension was dropped: nothing left to serve here.
-                if let Some(slot) = SHARED.exclusive().db_mut(self.dboid) {
-                    slot.state = DbState::NoExtension;
-                    slot.pid = 0;
-                    slot.latch = 0;
-                }
-                return;
+                return Exit::ExtensionChanged;
             }
             let progressed = self.process_events();
             if tick || progressed || flags & WAKE_OUTBOX != 0 {
@@ -214,11 +265,16 @@ impl Worker {
         self.engine.shutdown(Duration::from_millis(200));
     }
 
-    fn take_wake_flags(&self) -> u32 {
+    /// Take the wake reasons backends left; None when the slot is no longer ours.
+    fn take_wake_flags(&self) -> Option<u32> {
+        // SAFETY: MyProcPid is set in every process.
+        let me = unsafe { pg_sys::MyProcPid };
         let mut shared = SHARED.exclusive();
         match shared.db_mut(self.dboid) {
-            Some(slot) => std::mem::take(&mut slot.wake_flags),
-            None => 0,
+            Some(slot) if slot.pid == me && slot.state == DbState::Running => {
+                Some(std::mem::take(&mut slot.wake_flags))
+            }
+            _ => None,
         }
     }
 
@@ -276,12 +332,15 @@ impl Worker {
                         s.since_us = now;
                     }
                 }),
-                Event::Connected { broker_id, .. } => {
+                Event::Connected {
+                    broker_id, epoch, ..
+                } => {
                     let mut reconnect = false;
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         reconnect = b.ever_connected;
                         b.ever_connected = true;
                         b.connected = true;
+                        b.epoch = epoch;
                         b.in_flight.clear();
                     }
                     self.with_status(broker_id, |s| {
@@ -322,11 +381,12 @@ impl Worker {
     }
 
     /// Re-read brokers and subscriptions and make the engine match. False when the extension
-    /// is gone from this database.
+    /// is gone from this database, or is not the one this worker started with.
     fn reload_config(&mut self) -> bool {
+        let extension = self.extension;
         let Some(loaded) = BackgroundWorker::transaction(|| {
-            let schema = catalog::extension_schema()?;
-            Some(config::load(&schema))
+            let (oid, schema) = catalog::extension()?;
+            (oid == extension).then(|| config::load(&schema))
         }) else {
             return false;
         };
@@ -351,6 +411,12 @@ impl Worker {
         for l in &loaded {
             let rt = self.brokers.entry(l.id).or_default();
             rt.config = l.config.clone();
+            if rt.config.is_none() {
+                // No connection for it any more (set_brokers below stops it): nothing is in
+                // flight and nothing may be handed out until it can connect again.
+                rt.connected = false;
+                rt.in_flight.clear();
+            }
             if let Some(c) = &l.config {
                 configs.push(c.clone());
             }
@@ -405,8 +471,10 @@ impl Worker {
                 if msgs.is_empty() {
                     continue;
                 }
-                rt.in_flight.extend(msgs.iter().map(|m| m.outbox_id));
-                engine.publish(*id, msgs);
+                let ids: Vec<i64> = msgs.iter().map(|m| m.outbox_id).collect();
+                if engine.publish(*id, rt.epoch, msgs) {
+                    rt.in_flight.extend(ids);
+                }
             }
         }));
     }

@@ -39,7 +39,8 @@ pub fn store(schema: &str, batch: &Batch) -> Vec<(i32, u64, u64)> {
                     "INSERT INTO {schema}.mqtt_message_history \
                      (broker_id, topic, payload, qos, retain, direction, message_id, \"timestamp\") \
                      SELECT b, t, p, q, r, 'receive', m, \
-                            'epoch'::timestamptz + u * interval '1 microsecond' \
+                            'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
+                            (u::pg_catalog.float8 OPERATOR(pg_catalog.*) interval '1 microsecond') \
                      FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::int2[], $5::bool[], \
                                  $6::int4[], $7::int8[]) AS x(b, t, p, q, r, m, u)"
                 ),

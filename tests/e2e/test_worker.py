@@ -209,3 +209,62 @@ def test_terminated_launcher_comes_back(pg, conn, broker, topic):
     wait_for(lambda: worker_pid(pg, TEST_DB) not in (None, worker), timeout=30,
              message="the new launcher to restart the worker")
     wait_status(conn, broker.name, "connected", timeout=30)
+
+
+def test_many_databases_without_the_extension_do_not_starve_one_with_it(mosq):
+    """After a restart the launcher probes every database; probes of databases without the
+    extension give their slot back, so a cluster with more databases than slots (32) still
+    serves the one that uses mqtt_pg."""
+    from harness import PgCluster
+
+    cluster = PgCluster().init().start()
+    try:
+        with cluster.connect() as admin:
+            for i in range(34):
+                admin.execute(f'CREATE DATABASE "plain_{i:02d}"')
+            admin.execute('CREATE DATABASE "zz_mqtt"')
+        with cluster.connect("zz_mqtt") as c:
+            c.execute("CREATE EXTENSION mqtt_pg")
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+                      (HOST, mosq.port))
+            wait_status(c, "b", "connected")
+        cluster.restart()
+        with cluster.connect("zz_mqtt") as c:
+            wait_status(c, "b", "connected", timeout=60)
+        with cluster.connect() as admin:
+            workers = admin.execute("SELECT datname FROM pg_stat_activity "
+                                    "WHERE backend_type = 'mqtt_pg worker'").fetchall()
+        assert workers == [("zz_mqtt",)], "only the database with the extension keeps a worker"
+        assert "waits for a free slot" not in cluster.log_text()
+    finally:
+        cluster.destroy()
+
+
+def test_never_two_workers_for_one_database(pg, mosq):
+    """A database that stops accepting connections loses its worker (stopped, not forgotten);
+    when it accepts them again exactly one worker serves it."""
+    name = unique("allowconn")
+    with pg.connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with pg.connect(name) as c:
+            c.execute("CREATE EXTENSION mqtt_pg")
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+                      (HOST, mosq.port))
+            wait_status(c, "b", "connected")
+        first = worker_pid(pg, name)
+        with pg.connect() as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            # The launcher notices within its nap (10 s) and stops the worker.
+            wait_for(lambda: not pid_alive(first), timeout=30, message="the worker to be stopped")
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        with pg.connect(name) as c:
+            c.execute("SELECT mqtt_start_listener('b')")
+            wait_status(c, "b", "connected", timeout=30)
+        with pg.connect() as admin:
+            n = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' "
+                              "AND datname = %s", (name,)).fetchone()[0]
+        assert n == 1
+    finally:
+        with pg.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')

@@ -1,9 +1,9 @@
 //! One broker connection: rumqttc's event loop, driven by two tokio tasks that share the
 //! delivery bookkeeping (see [`run_broker`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet,
@@ -30,59 +30,109 @@ fn now_us() -> i64 {
 }
 
 /// Delivery bookkeeping of one connection, shared by its two tasks (see [`run_broker`]).
+#[derive(Default)]
 struct Book {
     /// Filters the worker wants, with their QoS.
     wanted_subs: BTreeMap<String, u8>,
+    /// Subscription changes rumqttc's request channel has not taken yet: it is full while a
+    /// backlog is being published, and a change must never be dropped for that. They go first
+    /// whenever the channel has room.
+    unsub_pending: BTreeSet<String>,
+    sub_pending: BTreeMap<String, u8>,
     /// Outbox rows accepted from the worker but not yet handed to rumqttc.
     queue: VecDeque<OutMessage>,
     /// Outbox ids handed to rumqttc, waiting for their `Outgoing::Publish(pkid)`, in order.
     awaiting_pkid: VecDeque<(i64, u8)>,
-    /// Packet id -> outbox id for QoS 1/2 publishes waiting for PUBACK/PUBCOMP.
-    awaiting_ack: HashMap<u16, i64>,
+    /// QoS 1 publishes waiting for PUBACK, and QoS 2 publishes waiting for PUBREC.
+    awaiting_ack: HashMap<u16, (i64, u8)>,
+    /// QoS 2 publishes past PUBREC, waiting for PUBCOMP. Kept apart because rumqttc frees a
+    /// packet id at PUBREC, so the next publish may reuse it while the PUBCOMP is still due;
+    /// a shared map would credit that PUBCOMP (or the new PUBACK) to the wrong row.
+    awaiting_comp: HashMap<u16, VecDeque<i64>>,
     /// Filters of SUBSCRIBE requests in request order, to name a refused filter in the status.
     sub_fifo: VecDeque<Vec<String>>,
     sub_by_pkid: HashMap<u16, Vec<String>>,
     connected: bool,
+    /// Number of the current connection (CONNACKs so far). Publish commands carry the epoch of
+    /// the last `Connected` the worker had processed; rows sent for an earlier connection are
+    /// dropped here, because the worker resends them from the outbox once it hears of the new
+    /// connection, and keeping both would send them twice.
+    epoch: u64,
 }
 
 impl Book {
-    /// Hand queued rows to rumqttc while its request channel has room. Never awaits the
-    /// channel: the task that drains it by polling might be the caller.
+    /// Hand pending subscription changes, then queued rows, to rumqttc while its request
+    /// channel has room. Never awaits the channel: the task that drains it (by polling) might
+    /// be the caller.
     fn flush_queue(&mut self, client: &AsyncClient, c: &BrokerConfig, out: &mut Vec<Event>) {
         if !self.connected {
             return;
         }
+        if !self.flush_subscriptions(client) {
+            return;
+        }
         while let Some(m) = self.queue.pop_front() {
             let overhead = m.topic.len() + 2 + 2 + 5;
-            if m.payload.len() + overhead > c.max_packet_size {
+            let problem = if m.payload.len() + overhead > c.max_packet_size {
+                Some(format!(
+                    "message of {} bytes exceeds the connection's packet limit of {} bytes",
+                    m.payload.len() + overhead,
+                    c.max_packet_size
+                ))
+            } else {
+                // Rows inserted into mqtt_outbox by hand skip mqtt_publish's checks.
+                crate::topic::validate_topic(&m.topic)
+                    .err()
+                    .map(|e| format!("invalid topic: {e}"))
+            };
+            if let Some(error) = problem {
                 out.push(Event::Rejected {
                     broker_id: c.id,
                     outbox_id: m.outbox_id,
-                    error: format!(
-                        "message of {} bytes exceeds the connection's packet limit of {} bytes",
-                        m.payload.len() + overhead,
-                        c.max_packet_size
-                    ),
+                    error,
                 });
                 continue;
             }
             let qos = m.qos.min(2);
             match client.try_publish(m.topic.clone(), qos_from(qos), m.retain, m.payload.clone()) {
                 Ok(()) => self.awaiting_pkid.push_back((m.outbox_id, qos)),
-                Err(rumqttc::ClientError::TryRequest(_)) => {
-                    // Channel full: keep the row; the poll task flushes again after each event.
+                Err(_) => {
+                    // The topic is valid, so the channel is full: keep the row; the poll task
+                    // flushes again after each event.
                     self.queue.push_front(m);
-                    return;
-                }
-                Err(e) => {
-                    self.queue.push_front(m);
-                    out.push(Event::Warning {
-                        broker_id: c.id,
-                        error: format!("could not queue a publish: {e}"),
-                    });
                     return;
                 }
             }
+        }
+    }
+
+    /// Send pending unsubscribes and subscribes; false while the channel is full.
+    fn flush_subscriptions(&mut self, client: &AsyncClient) -> bool {
+        while let Some(f) = self.unsub_pending.first().cloned() {
+            if client.try_unsubscribe(f.clone()).is_err() {
+                return false;
+            }
+            self.unsub_pending.remove(&f);
+        }
+        if self.sub_pending.is_empty() {
+            return true;
+        }
+        // The worker validated every filter; rumqttc's own check is the last word on what it
+        // will send, and a filter it refuses must not block the others for ever.
+        self.sub_pending.retain(|f, _| rumqttc::valid_filter(f));
+        let filters: Vec<rumqttc::SubscribeFilter> = self
+            .sub_pending
+            .iter()
+            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_from(*q)))
+            .collect();
+        if filters.is_empty() || client.try_subscribe_many(filters).is_ok() {
+            let sent = std::mem::take(&mut self.sub_pending);
+            if !sent.is_empty() {
+                self.sub_fifo.push_back(sent.into_keys().collect());
+            }
+            true
+        } else {
+            false
         }
     }
 
@@ -92,28 +142,16 @@ impl Book {
             return; // everything is subscribed at the next CONNACK
         }
         for f in old.keys().filter(|f| !self.wanted_subs.contains_key(*f)) {
-            let _ = client.try_unsubscribe(f.clone());
+            self.sub_pending.remove(f);
+            self.unsub_pending.insert(f.clone());
         }
-        let changed: BTreeMap<String, u8> = self
-            .wanted_subs
-            .iter()
-            .filter(|(f, q)| old.get(*f) != Some(q))
-            .map(|(f, q)| (f.clone(), *q))
-            .collect();
-        self.subscribe(client, &changed);
-    }
-
-    fn subscribe(&mut self, client: &AsyncClient, subs: &BTreeMap<String, u8>) {
-        if subs.is_empty() {
-            return;
+        for (f, q) in &self.wanted_subs {
+            if old.get(f) != Some(q) {
+                self.unsub_pending.remove(f);
+                self.sub_pending.insert(f.clone(), *q);
+            }
         }
-        let filters: Vec<rumqttc::SubscribeFilter> = subs
-            .iter()
-            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_from(*q)))
-            .collect();
-        if client.try_subscribe_many(filters).is_ok() {
-            self.sub_fifo.push_back(subs.keys().cloned().collect());
-        }
+        self.flush_subscriptions(client);
     }
 
     /// Bookkeeping for one rumqttc event; what the worker must hear goes into `out`.
@@ -121,14 +159,17 @@ impl Book {
         match ev {
             MqttEvent::Incoming(Packet::ConnAck(ack)) => {
                 self.connected = true;
+                self.epoch += 1;
                 out.push(Event::Connected {
                     broker_id: id,
                     session_present: ack.session_present,
+                    epoch: self.epoch,
                 });
                 // Subscribing again on a resumed session is harmless; skipping it after a lost
                 // session is the classic "silent after a broker restart" bug.
-                let all = self.wanted_subs.clone();
-                self.subscribe(client, &all);
+                self.unsub_pending.clear();
+                self.sub_pending = self.wanted_subs.clone();
+                self.flush_subscriptions(client);
             }
             MqttEvent::Incoming(Packet::Publish(p)) => {
                 let qos = p.qos as u8;
@@ -151,12 +192,38 @@ impl Book {
                             pkid: None,
                         });
                     } else {
-                        self.awaiting_ack.insert(pkid, outbox_id);
+                        self.awaiting_ack.insert(pkid, (outbox_id, qos));
                     }
                 }
             }
-            MqttEvent::Incoming(Packet::PubAck(ack)) => self.acked(id, ack.pkid, out),
-            MqttEvent::Incoming(Packet::PubComp(comp)) => self.acked(id, comp.pkid, out),
+            MqttEvent::Incoming(Packet::PubAck(ack)) => {
+                if let Some((outbox_id, 1)) = self.awaiting_ack.get(&ack.pkid).copied() {
+                    self.awaiting_ack.remove(&ack.pkid);
+                    delivered(out, id, outbox_id, ack.pkid);
+                }
+            }
+            MqttEvent::Incoming(Packet::PubRec(rec)) => {
+                if let Some((outbox_id, 2)) = self.awaiting_ack.get(&rec.pkid).copied() {
+                    self.awaiting_ack.remove(&rec.pkid);
+                    self.awaiting_comp
+                        .entry(rec.pkid)
+                        .or_default()
+                        .push_back(outbox_id);
+                }
+            }
+            MqttEvent::Incoming(Packet::PubComp(comp)) => {
+                let waiting = self.awaiting_comp.get_mut(&comp.pkid);
+                if let Some(outbox_id) = waiting.and_then(|q| q.pop_front()) {
+                    delivered(out, id, outbox_id, comp.pkid);
+                }
+                if self
+                    .awaiting_comp
+                    .get(&comp.pkid)
+                    .is_some_and(|q| q.is_empty())
+                {
+                    self.awaiting_comp.remove(&comp.pkid);
+                }
+            }
             MqttEvent::Outgoing(Outgoing::Subscribe(pkid)) => {
                 if let Some(filters) = self.sub_fifo.pop_front() {
                     self.sub_by_pkid.insert(pkid, filters);
@@ -178,13 +245,20 @@ impl Book {
         }
     }
 
-    fn acked(&mut self, id: i32, pkid: u16, out: &mut Vec<Event>) {
-        if let Some(outbox_id) = self.awaiting_ack.remove(&pkid) {
-            out.push(Event::Delivered {
-                broker_id: id,
-                outbox_id,
-                pkid: Some(pkid),
-            });
+    /// Account for events rumqttc read but had not handed out yet (they wait in
+    /// `state.events`): they belong to the connection that is ending. A PUBACK there is a
+    /// real delivery and a PUBLISH a real message (already acknowledged to the broker), so
+    /// they must reach the worker rather than be dropped or replayed on the next connection.
+    fn take_buffered(
+        &mut self,
+        client: &AsyncClient,
+        id: i32,
+        el: &mut EventLoop,
+        out: &mut Vec<Event>,
+    ) {
+        let buffered: Vec<MqttEvent> = el.state.events.drain(..).collect();
+        for ev in buffered {
+            self.on_event(client, id, ev, out);
         }
     }
 
@@ -198,14 +272,30 @@ impl Book {
         self.queue.clear();
         self.awaiting_pkid.clear();
         self.awaiting_ack.clear();
+        self.awaiting_comp.clear();
         self.sub_fifo.clear();
         self.sub_by_pkid.clear();
+        self.unsub_pending.clear();
+        self.sub_pending.clear();
         self.connected = false;
         // A packet-id collision pending on the dead connection would otherwise keep rumqttc
         // from taking any request on the next one.
         eventloop.state.collision = None;
     }
 }
+
+fn delivered(out: &mut Vec<Event>, broker_id: i32, outbox_id: i64, pkid: u16) {
+    out.push(Event::Delivered {
+        broker_id,
+        outbox_id,
+        pkid: Some(pkid),
+    });
+}
+
+/// A connection counts as healthy, and its backoff starts from the minimum again, once it has
+/// stayed up this long: a broker that accepts and then drops us at once must not see a
+/// reconnect every `reconnect_min`.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// How a broker task reaches the worker.
 #[derive(Clone)]
@@ -246,15 +336,7 @@ pub(super) async fn run_broker(
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    let book = Arc::new(Mutex::new(Book {
-        wanted_subs: BTreeMap::new(),
-        queue: VecDeque::new(),
-        awaiting_pkid: VecDeque::new(),
-        awaiting_ack: HashMap::new(),
-        sub_fifo: VecDeque::new(),
-        sub_by_pkid: HashMap::new(),
-        connected: false,
-    }));
+    let book = Arc::new(Mutex::new(Book::default()));
     let stop = Arc::new(tokio::sync::Notify::new());
 
     // Command task.
@@ -267,10 +349,14 @@ pub(super) async fn run_broker(
         let mut out = Vec::new();
         loop {
             match commands.recv().await {
-                Some(Command::Publish(msgs)) => {
+                Some(Command::Publish(epoch, msgs)) => {
                     let mut b = lock(&cmd_book);
-                    b.queue.extend(msgs);
-                    b.flush_queue(&cmd_client, &cmd_config, &mut out);
+                    // Rows meant for a connection that has since gone are dropped: the worker
+                    // resends them once it hears of the current one.
+                    if b.connected && b.epoch == epoch {
+                        b.queue.extend(msgs);
+                        b.flush_queue(&cmd_client, &cmd_config, &mut out);
+                    }
                 }
                 Some(Command::Subscriptions(subs)) => {
                     lock(&cmd_book).apply_subscriptions(&cmd_client, subs);
@@ -286,6 +372,7 @@ pub(super) async fn run_broker(
 
     // Poll task (this one).
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let mut connected_at: Option<Instant> = None;
     let mut out = vec![Event::Connecting { broker_id: id }];
     emitter.emit_all(&mut out).await;
     loop {
@@ -296,7 +383,7 @@ pub(super) async fn run_broker(
         match polled {
             Ok(ev) => {
                 if matches!(ev, MqttEvent::Incoming(Packet::ConnAck(_))) {
-                    backoff.reset();
+                    connected_at = Some(Instant::now());
                 }
                 {
                     let mut b = lock(&book);
@@ -310,16 +397,14 @@ pub(super) async fn run_broker(
             Err(e) => {
                 {
                     let mut b = lock(&book);
-                    // rumqttc keeps events it read but had not yet returned in
-                    // `state.events`, and would hand them out after the reconnect, where their
-                    // packet ids mean nothing. They belong to the old connection: account for
-                    // them now (a PUBACK that arrived is a real delivery, a PUBLISH a real
-                    // message), then forget the rest of that connection.
-                    let stale: Vec<MqttEvent> = eventloop.state.events.drain(..).collect();
-                    for ev in stale {
-                        b.on_event(&client, id, ev, &mut out);
-                    }
+                    b.take_buffered(&client, id, &mut eventloop, &mut out);
                     b.connection_lost(&mut eventloop);
+                }
+                if connected_at
+                    .take()
+                    .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
+                {
+                    backoff.reset();
                 }
                 out.push(Event::ConnectionLost {
                     broker_id: id,
@@ -337,18 +422,21 @@ pub(super) async fn run_broker(
             }
         }
     }
-    // Stopping: say goodbye politely if connected, but never wait long for it.
+    // Stopping: say goodbye politely if connected, but never wait long for it. Whatever
+    // arrives meanwhile, or was read and not yet handed out, still counts.
+    lock(&book).take_buffered(&client, id, &mut eventloop, &mut out);
     if lock(&book).connected && client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
             loop {
                 match eventloop.poll().await {
                     Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(ev) => lock(&book).on_event(&client, id, ev, &mut out),
                 }
             }
         })
         .await;
     }
+    lock(&book).take_buffered(&client, id, &mut eventloop, &mut out);
     out.push(Event::Stopped { broker_id: id });
     emitter.emit_all(&mut out).await;
 }

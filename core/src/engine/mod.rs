@@ -86,6 +86,8 @@ pub enum Event {
     Connected {
         broker_id: i32,
         session_present: bool,
+        /// Number of this connection; pass it to [`Engine::publish`].
+        epoch: u64,
     },
     /// The connection failed or was lost; `error` is what a DBA needs to see. Everything that
     /// was in flight on this broker is forgotten: resend it from the outbox.
@@ -138,7 +140,8 @@ impl Event {
 
 /// Commands from the worker to one broker task.
 pub(super) enum Command {
-    Publish(Vec<OutMessage>),
+    /// Rows for the connection with this epoch.
+    Publish(u64, Vec<OutMessage>),
     Subscriptions(BTreeMap<String, u8>),
     Stop,
 }
@@ -304,11 +307,13 @@ impl Engine {
         }
     }
 
-    /// Queue outbox rows for delivery. Returns false if no task runs for this broker (the rows
-    /// stay unsent).
-    pub fn publish(&self, broker_id: i32, messages: Vec<OutMessage>) -> bool {
+    /// Queue outbox rows for delivery on the connection `epoch` (from its [`Event::Connected`]).
+    /// If that connection has gone meanwhile, the rows are dropped: the caller learns of it from
+    /// [`Event::ConnectionLost`] and resends them after the next `Connected`. Returns false if
+    /// no task runs for this broker (the rows stay unsent).
+    pub fn publish(&self, broker_id: i32, epoch: u64, messages: Vec<OutMessage>) -> bool {
         match self.brokers.get(&broker_id) {
-            Some(h) => h.commands.send(Command::Publish(messages)).is_ok(),
+            Some(h) => h.commands.send(Command::Publish(epoch, messages)).is_ok(),
             None => false,
         }
     }

@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,87 @@ impl Broker {
         }
     }
 
+    /// The current run's log lines with the timestamp prefix ("1795635890: ") removed.
+    fn log_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .map(|l| match l.split_once(": ") {
+                Some((ts, rest)) if ts.bytes().all(|b| b.is_ascii_digit()) => rest.to_string(),
+                _ => l.to_string(),
+            })
+            .collect()
+    }
+
+    /// How many times `client_id` connected during the current run.
+    pub fn connects(&self, client_id: &str) -> usize {
+        self.log_count(&format!(" as {client_id} ("))
+    }
+
+    /// The SUBSCRIBE and UNSUBSCRIBE packets the broker logged from `client_id`, in order, each
+    /// with the number of the client's connection (1 for its first in this run) it came on.
+    /// mosquitto logs "Received SUBSCRIBE from <cid>" followed by one "\t<filter> (QoS <n>)"
+    /// line per filter, and "Received UNSUBSCRIBE from <cid>" followed by "\t<filter>" lines.
+    pub fn sub_packets(&self, client_id: &str) -> Vec<(usize, LoggedSub)> {
+        let connect = format!(" as {client_id} (");
+        let sub = format!("Received SUBSCRIBE from {client_id}");
+        let unsub = format!("Received UNSUBSCRIBE from {client_id}");
+        let mut conn = 0;
+        let mut packets: Vec<(usize, LoggedSub)> = Vec::new();
+        // The packet whose filter lines are being read.
+        let mut open = false;
+        for line in self.log_lines() {
+            if let (true, Some(f)) = (open, line.strip_prefix('\t')) {
+                match packets.last_mut() {
+                    Some((_, LoggedSub::Subscribe(v))) => {
+                        let (filter, qos) = f
+                            .rsplit_once(" (QoS ")
+                            .and_then(|(f, q)| Some((f, q.strip_suffix(')')?.parse().ok()?)))
+                            .unwrap_or_else(|| panic!("bad SUBSCRIBE filter line {line:?}"));
+                        v.push((filter.to_string(), qos));
+                    }
+                    Some((_, LoggedSub::Unsubscribe(v))) => v.push(f.to_string()),
+                    None => unreachable!(),
+                }
+                continue;
+            }
+            // mosquitto also logs "<cid> <qos> <filter>" after each filter line: skip those.
+            if open && line.starts_with(&format!("{client_id} ")) {
+                continue;
+            }
+            open = false;
+            if line.contains(&connect) {
+                conn += 1;
+            } else if line == sub {
+                packets.push((conn, LoggedSub::Subscribe(Vec::new())));
+                open = true;
+            } else if line == unsub {
+                packets.push((conn, LoggedSub::Unsubscribe(Vec::new())));
+                open = true;
+            }
+        }
+        packets
+    }
+
+    /// (topic, qos, packet id) of every PUBLISH the broker logged from `client_id`, in order.
+    /// mosquitto logs "Received PUBLISH from <cid> (d0, q1, r0, m<pkid>, '<topic>', ... (<n>
+    /// bytes))".
+    pub fn publishes_from(&self, client_id: &str) -> Vec<(String, u8, u16)> {
+        let prefix = format!("Received PUBLISH from {client_id} (");
+        let parse = |rest: &str| -> Option<(String, u8, u16)> {
+            let mut f = rest.splitn(5, ", ");
+            let (_dup, qos, _retain, mid) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            let qos = qos.strip_prefix('q')?.parse().ok()?;
+            let mid = mid.strip_prefix('m')?.parse().ok()?;
+            let topic = f.next()?.strip_prefix('\'')?.rsplit_once("', ... (")?.0;
+            Some((topic.to_string(), qos, mid))
+        };
+        self.log_lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|rest| parse(rest).unwrap_or_else(|| panic!("bad PUBLISH log line {rest:?}")))
+            .collect()
+    }
+
     fn spawn(&mut self, timeout: Duration) -> Result<(), String> {
         self.generation += 1;
         let conf = self.dir.join(format!("mosquitto-{}.conf", self.generation));
@@ -227,6 +308,95 @@ impl Drop for Broker {
             eprintln!("broker logs kept in {}", self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE as the broker logged it (see [`Broker::sub_packets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoggedSub {
+    Subscribe(Vec<(String, u8)>),
+    Unsubscribe(Vec<String>),
+}
+
+/// A fake MQTT broker on a free loopback port: for each connection it reads the CONNECT
+/// packet, accepts it with a CONNACK and closes the socket at once. Its thread stops (and is
+/// joined) on drop.
+pub struct FlakyBroker {
+    pub port: u16,
+    /// Connections accepted (and answered) so far.
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FlakyBroker {
+    pub fn start() -> FlakyBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake broker");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if Self::serve(stream).is_ok() {
+                            a.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => panic!("fake broker accept: {e}"),
+                }
+            }
+        });
+        FlakyBroker {
+            port,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Read one CONNECT, answer CONNACK (accepted, no session), close.
+    fn serve(mut stream: TcpStream) -> std::io::Result<()> {
+        use std::io::Read as _;
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut b = [0u8; 1];
+        stream.read_exact(&mut b)?;
+        if b[0] != 0x10 {
+            return Err(std::io::Error::other(format!("not a CONNECT: {:#x}", b[0])));
+        }
+        // Remaining length: a variable byte integer.
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            stream.read_exact(&mut b)?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body)?;
+        stream.write_all(&[0x20, 0x02, 0x00, 0x00])?;
+        stream.flush()?;
+        stream.shutdown(std::net::Shutdown::Both)
+    }
+}
+
+impl Drop for FlakyBroker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let r = t.join();
+            if !std::thread::panicking() {
+                r.expect("fake broker thread panicked");
+            }
         }
     }
 }
@@ -460,6 +630,8 @@ pub struct Harness {
     backlog: VecDeque<(Instant, Event)>,
     /// Events taken per `drain_events` call.
     pub batch: usize,
+    /// Epoch of the latest `Connected` seen per broker, as the worker tracks it.
+    epochs: std::collections::HashMap<i32, u64>,
 }
 
 impl Harness {
@@ -477,6 +649,7 @@ impl Harness {
             signal,
             backlog: VecDeque::new(),
             batch: 256,
+            epochs: std::collections::HashMap::new(),
         }
     }
 
@@ -487,6 +660,17 @@ impl Harness {
     /// Take the engine out (to call `shutdown`).
     pub fn take_engine(&mut self) -> Engine {
         self.engine.take().expect("engine already shut down")
+    }
+
+    /// Publish on the broker's connection as last seen (what the worker does).
+    pub fn publish(&mut self, broker_id: i32, msgs: Vec<OutMessage>) -> bool {
+        let epoch = self.epochs.get(&broker_id).copied().unwrap_or(0);
+        self.engine().publish(broker_id, epoch, msgs)
+    }
+
+    /// The epoch of the latest `Connected` seen for a broker.
+    pub fn epoch(&self, broker_id: i32) -> u64 {
+        self.epochs.get(&broker_id).copied().unwrap_or(0)
     }
 
     /// How often the engine called `wake`.
@@ -503,6 +687,14 @@ impl Harness {
             let batch = self.batch;
             self.engine().drain_events(&mut got, batch);
             if !got.is_empty() {
+                for e in &got {
+                    if let Event::Connected {
+                        broker_id, epoch, ..
+                    } = e
+                    {
+                        self.epochs.insert(*broker_id, *epoch);
+                    }
+                }
                 let now = Instant::now();
                 self.backlog.extend(got.into_iter().map(|e| (now, e)));
                 return true;
