@@ -53,6 +53,8 @@ def test_every_sql_example_runs(readme_db, mosq):
         # The README talks about the standard port; the test broker listens elsewhere.
         c.execute(block.replace("1883", str(mosq.port)))
 
+    # The reference stops 'local' in an example; messages queued for it wait for a start.
+    c.execute("SELECT mqtt_start_listener('local')")
     # The quick start's effects: the committed command went out and left the outbox, the
     # rolled-back one never existed; the subscription is in place.
     wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == 0,
