@@ -927,23 +927,31 @@ fn subscription_changes_during_a_publish_backlog() {
     std::thread::sleep(Duration::from_millis(300));
     broker.signal("CONT");
 
-    let has_sub =
-        |p: &LoggedSub, f: &str| matches!(p, LoggedSub::Subscribe(v) if v.iter().any(|x| x.0 == f));
-    let has_unsub =
-        |p: &LoggedSub, f: &str| matches!(p, LoggedSub::Unsubscribe(v) if v.iter().any(|x| x == f));
+    // What the broker has subscribed for us on our latest connection, replaying its log.
+    let net = |packets: &[(usize, LoggedSub)]| {
+        let last = packets.iter().map(|p| p.0).max().unwrap_or(0);
+        let mut filters = BTreeMap::new();
+        for (_, p) in packets.iter().filter(|p| p.0 == last) {
+            match p {
+                LoggedSub::Subscribe(v) => filters.extend(v.iter().cloned()),
+                LoggedSub::Unsubscribe(v) => v.iter().for_each(|f| {
+                    filters.remove(f);
+                }),
+            }
+        }
+        filters
+    };
+    let wanted = subs(&[("eng/sc/keep/#", 1), ("eng/sc/new/#", 1)]);
     let mut events = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let packets = loop {
         let p = broker.sub_packets(&cid);
-        let subscribed = p.iter().any(|(_, x)| has_sub(x, "eng/sc/new/#"));
-        let unsubscribed = p.iter().any(|(_, x)| has_unsub(x, "eng/sc/old/#"));
-        if subscribed && (unsubscribed || broker.connects(&cid) > 1) {
+        if net(&p) == wanted {
             break p;
         }
         assert!(
             Instant::now() < deadline,
-            "no SUBSCRIBE of eng/sc/new/# and UNSUBSCRIBE of eng/sc/old/# in the broker log: \
-             {p:?}"
+            "the broker never had exactly {wanted:?} subscribed for us: {p:?}"
         );
         // Keep the events flowing (the engine must not block on them).
         events.extend(
@@ -954,16 +962,9 @@ fn subscription_changes_during_a_publish_backlog() {
     };
     let reconnected = broker.connects(&cid) > 1;
     eprintln!("subscription packets (reconnected: {reconnected}): {packets:?}");
-    // The removed filter was never subscribed again, on any connection.
-    assert_eq!(
-        packets
-            .iter()
-            .filter(|(_, x)| has_sub(x, "eng/sc/old/#"))
-            .count(),
-        1,
-        "{packets:?}"
-    );
     if !reconnected {
+        // On the same connection: exactly one UNSUBSCRIBE of the removed filter and one
+        // SUBSCRIBE of the new one (the unchanged filter is not subscribed again).
         assert_eq!(
             packets,
             [
@@ -1230,64 +1231,83 @@ fn backoff_grows_when_the_broker_drops_us_after_connack() {
 }
 
 /// 17. Stopping a connection that has read more than the worker has drained keeps every
-///     message the engine acknowledged: each PUBACK the broker got from us is a Received.
+///     message the engine acknowledged: each PUBACK the broker got from us is a Received,
+///     even when a publish backlog keeps the stop from sending DISCONNECT. (How much rumqttc
+///     holds read but not handed out at the stop varies, so a few rounds are run.)
 #[test]
 fn stop_keeps_buffered_received_messages() {
     const N: usize = 2000;
+    const ROUNDS: usize = 4;
     let broker = Broker::start();
     let mut h = Harness::new(64);
     let cid = client_id("stopbuf");
-    h.connect(config(1, broker.port, "stopbuf"));
-    h.subscribe(&broker, 1, &cid, &[("eng/sbuf/#", 1)]);
-
-    let lines: String = (0..N).map(|i| format!("s-{i:05}\n")).collect();
-    let mut publisher = spawn_mosquitto_pub(
-        &broker,
-        &["-l", "-q", "1", "-t", "eng/sbuf/x"],
-        lines.into_bytes(),
-    );
-    let child = publisher.0.as_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "mosquitto_pub -l did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(status.success(), "mosquitto_pub -l failed: {status}");
-    // The engine has read (and acknowledged) more than its 64 event slots hold.
     let pubacks = format!("Received PUBACK from {cid} ");
-    broker.wait_log(&pubacks, 64);
-    assert!(h.engine().has_events());
-
-    assert_eq!(h.engine().set_brokers(Vec::new()), Vec::<i32>::new());
-    let events = h.wait_for("Stopped", |e| matches!(e, Event::Stopped { broker_id: 1 }));
-    // Every PUBACK we sent has reached the broker once it logs the end of the connection.
     let bye = [
         format!("Client {cid} disconnected"),
         format!("Client {cid} closed its connection"),
     ];
-    wait_until("the broker to log our disconnect", WAIT, || {
-        bye.iter().any(|b| broker.log_count(b) > 0)
-    });
-    let acked = broker.log_count(&pubacks);
-    assert_no_trouble(&events);
-    let r = received(&events);
-    eprintln!(
-        "stopped after {} Received, {acked} PUBACKs logged by the broker",
-        r.len()
-    );
-    assert!(
-        r.len() >= acked,
-        "the broker got {acked} PUBACKs from us but only {} messages were Received",
-        r.len()
-    );
-    // No duplicates, nothing skipped: a prefix of what was published, in order.
-    let got: Vec<String> = r
-        .iter()
-        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
-        .collect();
-    let want: Vec<String> = (0..got.len()).map(|i| format!("s-{i:05}")).collect();
-    assert!(got == want, "messages out of order, duplicated or skipped");
+    for round in 0..ROUNDS {
+        h.connect(config(1, broker.port, "stopbuf"));
+        h.subscribe(&broker, 1, &cid, &[("eng/sbuf/#", 1)]);
+        let acked_before = broker.log_count(&pubacks);
+        let bye_before = broker.log_count(&bye[0]) + broker.log_count(&bye[1]);
+
+        let lines: String = (0..N).map(|i| format!("s{round}-{i:05}\n")).collect();
+        let mut publisher = spawn_mosquitto_pub(
+            &broker,
+            &["-l", "-q", "1", "-t", "eng/sbuf/x"],
+            lines.into_bytes(),
+        );
+        let child = publisher.0.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "mosquitto_pub -l did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "mosquitto_pub -l failed: {status}");
+        // The engine has read (and acknowledged) more than its 64 event slots hold.
+        broker.wait_log(&pubacks, acked_before + 64);
+        assert!(h.engine().has_events());
+        // A publish backlog fills rumqttc's request channel while the engine is blocked on
+        // its event channel, so the DISCONNECT at stop cannot be queued (and no last polls
+        // drain what rumqttc has read): only the stop path itself can hand those over.
+        let backlog = (1..=2000)
+            .map(|i| out(i, "eng/sbuf-out/x", b"o", 1))
+            .collect();
+        assert!(h.publish(1, backlog));
+
+        assert_eq!(h.engine().set_brokers(Vec::new()), Vec::<i32>::new());
+        let events = h.wait_for("Stopped", |e| matches!(e, Event::Stopped { broker_id: 1 }));
+        // Every PUBACK we sent has reached the broker once it logs the end of the connection.
+        wait_until("the broker to log our disconnect", WAIT, || {
+            broker.log_count(&bye[0]) + broker.log_count(&bye[1]) > bye_before
+        });
+        wait_tasks(&mut h, 0);
+        let acked = broker.log_count(&pubacks) - acked_before;
+        assert_no_trouble(&events);
+        let r = received(&events);
+        eprintln!(
+            "round {round}: stopped after {} Received, {acked} PUBACKs logged by the broker",
+            r.len()
+        );
+        assert!(
+            r.len() >= acked,
+            "round {round}: the broker got {acked} PUBACKs from us but only {} messages were \
+             Received",
+            r.len()
+        );
+        // No duplicates, nothing skipped: a prefix of what was published, in order.
+        let got: Vec<String> = r
+            .iter()
+            .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+            .collect();
+        let want: Vec<String> = (0..got.len()).map(|i| format!("s{round}-{i:05}")).collect();
+        assert!(
+            got == want,
+            "round {round}: messages out of order, duplicated or skipped"
+        );
+    }
 }
