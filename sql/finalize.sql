@@ -68,7 +68,10 @@ $grant$;
 
 -- The configuration trigger wakes the worker on behalf of whoever edited the tables; the wake
 -- function itself is internal.
+-- PostgreSQL checks EXECUTE on a trigger function only at CREATE TRIGGER, so revoking it keeps
+-- other roles from attaching it to tables of their own without affecting these triggers.
 ALTER FUNCTION @extschema@._mqtt_pg_config_changed() SECURITY DEFINER;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_config_changed() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
 
 -- A worker for this database starts once this transaction commits.

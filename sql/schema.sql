@@ -122,3 +122,17 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Configuration, queued messages and history are the user's data: pg_dump must include them
+-- (it leaves out the contents of extension tables unless told otherwise), so an Odoo backup
+-- and restore keeps brokers, subscriptions, undelivered messages and history.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_broker', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_broker_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_topic', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_topic_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_message_history', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_message_history_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_dead_letter_id_seq', '');

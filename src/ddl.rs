@@ -29,7 +29,30 @@ pub fn init() {
     }
 }
 
-/// The database a statement needs exclusive use of, if any.
+/// The value of option `name` in a statement's DefElem list, if present.
+///
+/// # Safety
+/// `options` must be null or a valid List of DefElem nodes.
+unsafe fn option(options: *mut pg_sys::List, name: &CStr) -> Option<&'static CStr> {
+    if options.is_null() {
+        return None;
+    }
+    unsafe {
+        for i in 0..(*options).length as usize {
+            let def = (*(*options).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+            if !def.is_null() && !(*def).defname.is_null() && CStr::from_ptr((*def).defname) == name
+            {
+                // defGetString is what createdb/alterdb themselves use on these options.
+                return Some(CStr::from_ptr(pg_sys::defGetString(def)));
+            }
+        }
+    }
+    None
+}
+
+/// The database a statement needs exclusive use of, if any: DROP DATABASE, ALTER DATABASE
+/// RENAME, ALTER DATABASE SET TABLESPACE, and CREATE DATABASE ... TEMPLATE (Odoo's
+/// "Duplicate database").
 ///
 /// # Safety
 /// `stmt` must be a valid parse tree node or null.
@@ -39,6 +62,14 @@ unsafe fn exclusive_database(stmt: *mut pg_sys::Node) -> Option<&'static CStr> {
     }
     unsafe {
         match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreatedbStmt => {
+                option((*(stmt as *mut pg_sys::CreatedbStmt)).options, c"template")
+            }
+            pg_sys::NodeTag::T_AlterDatabaseStmt => {
+                let s = stmt as *mut pg_sys::AlterDatabaseStmt;
+                option((*s).options, c"tablespace")
+                    .and((!(*s).dbname.is_null()).then(|| CStr::from_ptr((*s).dbname)))
+            }
             pg_sys::NodeTag::T_DropdbStmt => {
                 let s = stmt as *mut pg_sys::DropdbStmt;
                 (!(*s).dbname.is_null()).then(|| CStr::from_ptr((*s).dbname))
@@ -97,7 +128,11 @@ fn step_aside(dbname: &CStr) {
         } else {
             0
         };
+        // Wanted, not Starting: a worker the launcher is starting right now finds the slot no
+        // longer Starting and leaves without connecting.
         slot.state = DbState::Wanted;
+        slot.pid = 0;
+        slot.latch = 0;
         slot.not_before_us = shmem::now_us() + STEP_ASIDE_US;
         pid
     };

@@ -66,15 +66,14 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
     // After a (re)start nobody remembers which databases use mqtt_pg: probe each once, a few at
     // a time. A probe that finds no extension gives its slot back, so the 32 slots are only
     // ever held by databases that use mqtt_pg, however many databases the cluster has.
+    // Databases that appear (created, or accepting connections again) are probed the same way.
     let mut to_probe: VecDeque<u32> = VecDeque::new();
-    let mut first = true;
+    let mut known: Vec<u32> = Vec::new();
     let mut warned_full = false;
     loop {
         let databases = BackgroundWorker::transaction(catalog::database_oids);
-        if first {
-            to_probe.extend(databases.iter().copied());
-            first = false;
-        }
+        to_probe.extend(databases.iter().filter(|oid| !known.contains(oid)));
+        known = databases.clone();
         to_probe.retain(|oid| databases.contains(oid));
         let now = shmem::now_us();
         let mut to_start = Vec::new();
@@ -123,6 +122,8 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
                         next_wake = next_wake.min(wait);
                     } else if starting < MAX_STARTING {
                         slot.state = DbState::Starting;
+                        slot.pid = 0;
+                        slot.latch = 0;
                         starting += 1;
                         to_start.push(slot.dboid);
                     }

@@ -148,6 +148,10 @@ impl DbSlot {
     pub fn clear(&mut self) {
         *self = DbSlot::EMPTY;
     }
+
+    pub fn clear_brokers(&mut self) {
+        self.brokers = [BrokerSlot::EMPTY; MAX_BROKERS];
+    }
 }
 
 #[derive(Copy, Clone)]

@@ -3,6 +3,7 @@
 //! against PostgreSQL, so `cargo test -p mqtt_pg_core` covers it in seconds.
 
 pub mod backoff;
+pub mod batch;
 pub mod client_id;
 pub mod engine;
 pub mod topic;

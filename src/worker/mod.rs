@@ -12,7 +12,7 @@ mod config;
 mod outbox;
 mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -36,8 +36,29 @@ struct BrokerRuntime {
     /// Epoch of the connection the worker last heard of (see `Engine::publish`).
     epoch: u64,
     ever_connected: bool,
-    /// Outbox ids handed to the engine and not yet acknowledged.
-    in_flight: HashSet<i64>,
+    /// Outbox ids handed to the engine and not yet acknowledged, with their payload sizes.
+    in_flight: HashMap<i64, usize>,
+    /// Set while a replaced connection task is still winding down: rows handed to it stay in
+    /// flight (not resent) until its `Stopped` says it will write nothing more.
+    retiring: Option<Instant>,
+}
+
+/// A replaced connection task that never says `Stopped` (it panicked) must not hold its rows
+/// for ever.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl BrokerRuntime {
+    /// Forget what was in flight (it will be read from the outbox again), unless a replaced
+    /// task may still be writing some of it.
+    fn settle_in_flight(&mut self) {
+        if self.retiring.is_none() {
+            self.in_flight.clear();
+        }
+    }
+
+    fn in_flight_bytes(&self) -> usize {
+        self.in_flight.values().sum()
+    }
 }
 
 struct Worker {
@@ -98,12 +119,26 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
     };
     let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
+    forget_status(dboid);
     match why {
         Exit::Stop => {}
         Exit::ExtensionChanged => release_slot(dboid),
         Exit::SlotLost => warning!("mqtt_pg worker for database {dboid}: another worker took over"),
     }
     log!("mqtt_pg worker for database {dboid} stopped");
+}
+
+/// Clear the broker statuses this worker published: a stopped worker's "connected" must not
+/// outlive it (its successor, or a re-created extension's brokers, start from "connecting").
+fn forget_status(dboid: u32) {
+    // SAFETY: MyProcPid is set in every process.
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut shared = SHARED.exclusive();
+    if let Some(slot) = shared.db_mut(dboid) {
+        if slot.pid == me {
+            slot.clear_brokers();
+        }
+    }
 }
 
 /// Why the worker's loop ended.
@@ -120,10 +155,13 @@ enum Exit {
 /// that asked for a worker meanwhile (CREATE EXTENSION) left a wake flag: then the slot goes
 /// back to Wanted, so the launcher starts a fresh worker at once.
 fn release_slot(dboid: u32) {
+    // SAFETY: MyProcPid is set in every process.
+    let me = unsafe { pg_sys::MyProcPid };
     let launcher = {
         let mut shared = SHARED.exclusive();
         let launcher = shared.launcher_latch;
         match shared.db_mut(dboid) {
+            Some(slot) if slot.pid != me => {} // not ours (any more): leave it alone
             Some(slot) if slot.wake_flags & WAKE_CONFIG != 0 => {
                 slot.state = DbState::Wanted;
                 slot.pid = 0;
@@ -139,29 +177,31 @@ fn release_slot(dboid: u32) {
     unsafe { shmem::set_latch(launcher) };
 }
 
-/// Take this database's slot. False when another live worker already holds it.
+/// Take this database's slot, which the launcher marked Starting for us. False when it is not
+/// (another worker holds it, or DROP DATABASE asked us to stay away meanwhile).
 fn claim_slot(dboid: u32) -> bool {
     let mut shared = SHARED.exclusive();
-    let Some(slot) = shared.db_claim(dboid) else {
-        warning!("mqtt_pg: no free database slot for database {dboid}");
+    let launcher = shared.launcher_latch;
+    let Some(slot) = shared.db_mut(dboid) else {
         return false;
     };
     // SAFETY: MyProcPid is set in every process.
     let my_pid = unsafe { pg_sys::MyProcPid };
     // SAFETY: kill with signal 0 only checks that the process exists.
-    if slot.state == DbState::Running
-        && slot.pid != my_pid
-        && slot.pid > 0
-        && unsafe { libc::kill(slot.pid, 0) } == 0
-    {
+    let holder_dead = slot.pid <= 0 || unsafe { libc::kill(slot.pid, 0) } != 0;
+    let ours = match slot.state {
+        DbState::Starting => true,
+        DbState::Running => slot.pid == my_pid || holder_dead,
+        DbState::Free | DbState::Wanted => false,
+    };
+    if !ours {
         return false;
     }
     slot.state = DbState::Running;
     slot.pid = my_pid;
     slot.latch = shmem::my_latch();
-    // The launcher starts a few workers at a time: tell it this one is up.
-    let launcher = shared.launcher_latch;
     drop(shared);
+    // The launcher starts a few workers at a time: tell it this one is up.
     // SAFETY: the launcher's latch is a PGPROC latch (see shmem::set_latch).
     unsafe { shmem::set_latch(launcher) };
     true
@@ -238,6 +278,11 @@ impl Worker {
                 last_poll = Some(Instant::now());
             }
             if (tick || flags & WAKE_CONFIG != 0) && !self.reload_config() {
+                // Hand back the wake-up we took: it may be the CREATE EXTENSION that replaced
+                // ours (DROP and CREATE in one transaction), which wants a fresh worker.
+                if let Some(slot) = SHARED.exclusive().db_mut(self.dboid) {
+                    slot.wake_flags |= flags;
+                }
                 return Exit::ExtensionChanged;
             }
             let progressed = self.process_events();
@@ -294,7 +339,8 @@ impl Worker {
     fn process_events(&mut self) -> bool {
         let max = gucs::INGEST_BATCH_SIZE.get().max(1) as usize;
         let mut events = Vec::new();
-        self.engine.drain_events(&mut events, max);
+        self.engine
+            .drain_events_within(&mut events, max, store::MAX_BATCH_BYTES);
         if events.is_empty() {
             return false;
         }
@@ -341,7 +387,7 @@ impl Worker {
                         b.ever_connected = true;
                         b.connected = true;
                         b.epoch = epoch;
-                        b.in_flight.clear();
+                        b.settle_in_flight();
                     }
                     self.with_status(broker_id, |s| {
                         s.state = LinkState::Connected;
@@ -356,7 +402,7 @@ impl Worker {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.connected = false;
                         // The engine forgot them: they are resent from the outbox.
-                        b.in_flight.clear();
+                        b.settle_in_flight();
                     }
                     self.with_status(broker_id, |s| {
                         s.state = LinkState::Disconnected;
@@ -367,7 +413,16 @@ impl Worker {
                 Event::Warning { broker_id, error } => {
                     self.with_status(broker_id, |s| s.set_error(&error, now))
                 }
-                Event::Stopped { .. } => {}
+                Event::Stopped { broker_id } => {
+                    // A replaced task has written its last: what it did not deliver goes to
+                    // the new connection.
+                    if let Some(b) = self.brokers.get_mut(&broker_id) {
+                        if b.retiring.take().is_some() {
+                            b.in_flight.clear();
+                            progressed = true;
+                        }
+                    }
+                }
             }
         }
         let counts = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
@@ -432,10 +487,19 @@ impl Worker {
                 }
             });
         }
+        let had_task: Vec<i32> = configs
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| self.engine.has_broker(*id))
+            .collect();
         for id in self.engine.set_brokers(configs) {
             if let Some(rt) = self.brokers.get_mut(&id) {
                 rt.connected = false;
-                rt.in_flight.clear();
+                if had_task.contains(&id) {
+                    rt.retiring = Some(Instant::now());
+                } else {
+                    rt.in_flight.clear();
+                }
                 rt.subs.clear(); // a new task knows no subscriptions yet
             }
             self.with_status(id, |s| {
@@ -463,17 +527,28 @@ impl Worker {
         let engine = &self.engine;
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             for (id, rt) in brokers.iter_mut().filter(|(_, rt)| rt.connected) {
+                if rt
+                    .retiring
+                    .is_some_and(|since| since.elapsed() >= RETIRE_TIMEOUT)
+                {
+                    rt.retiring = None;
+                    rt.in_flight.clear();
+                }
                 let room = max_in_flight.saturating_sub(rt.in_flight.len()).min(batch);
-                if room == 0 {
+                let byte_room = outbox::MAX_IN_FLIGHT_BYTES.saturating_sub(rt.in_flight_bytes());
+                if room == 0 || byte_room == 0 {
                     continue;
                 }
-                let msgs = outbox::fetch(&schema, *id, &rt.in_flight, room);
+                let msgs = outbox::fetch(&schema, *id, &rt.in_flight, room, byte_room);
                 if msgs.is_empty() {
                     continue;
                 }
-                let ids: Vec<i64> = msgs.iter().map(|m| m.outbox_id).collect();
+                let sizes: Vec<(i64, usize)> = msgs
+                    .iter()
+                    .map(|m| (m.outbox_id, m.payload.len()))
+                    .collect();
                 if engine.publish(*id, rt.epoch, msgs) {
-                    rt.in_flight.extend(ids);
+                    rt.in_flight.extend(sizes);
                 }
             }
         }));

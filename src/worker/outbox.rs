@@ -5,36 +5,55 @@
 //! row below ids already sent; reading "the lowest ids not in flight" rather than "ids above a
 //! watermark" picks those up too, in the order they became visible.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use mqtt_pg_core::engine::OutMessage;
 use pgrx::prelude::*;
 
-/// Up to `room` committed rows of one broker that are not in flight, lowest id first.
+/// Payload bytes one broker may have handed to its connection and not yet acknowledged: the
+/// worker's memory must not follow the size of the messages queued (up to 256 MB each).
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
+/// Up to `room` committed rows of one broker that are not in flight, lowest id first, with
+/// payloads of at most `byte_room` bytes in all (but always at least one row, however large).
 pub fn fetch(
     schema: &str,
     broker_id: i32,
-    in_flight: &HashSet<i64>,
+    in_flight: &HashMap<i64, usize>,
     room: usize,
+    byte_room: usize,
 ) -> Vec<OutMessage> {
     Spi::connect(|client| {
         let limit = (in_flight.len() + room) as i64;
-        let ids: Vec<i64> = client
+        let candidates: Vec<(i64, usize)> = client
             .select(
                 &format!(
-                    "SELECT id FROM {schema}.mqtt_outbox WHERE broker_id OPERATOR(pg_catalog.=) $1 \
-                     ORDER BY id LIMIT $2"
+                    "SELECT id, pg_catalog.octet_length(payload) FROM {schema}.mqtt_outbox \
+                     WHERE broker_id OPERATOR(pg_catalog.=) $1 ORDER BY id LIMIT $2"
                 ),
                 None,
                 &[broker_id.into(), limit.into()],
             )
             .map(|rows| {
-                rows.filter_map(|r| r.get::<i64>(1).ok().flatten())
-                    .filter(|id| !in_flight.contains(id))
-                    .take(room)
-                    .collect()
+                rows.filter_map(|r| {
+                    let id = r.get::<i64>(1).ok().flatten()?;
+                    let len = r.get::<i32>(2).ok().flatten().unwrap_or(0).max(0) as usize;
+                    Some((id, len))
+                })
+                .filter(|(id, _)| !in_flight.contains_key(id))
+                .take(room)
+                .collect()
             })
             .unwrap_or_default();
+        let mut ids = Vec::new();
+        let mut bytes = 0usize;
+        for (id, len) in candidates {
+            if !ids.is_empty() && bytes + len > byte_room {
+                break;
+            }
+            bytes += len;
+            ids.push(id);
+        }
         if ids.is_empty() {
             return Vec::new();
         }

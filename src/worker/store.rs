@@ -4,8 +4,13 @@
 
 use std::collections::HashMap;
 
+use mqtt_pg_core::batch::chunks_by_size;
 use mqtt_pg_core::engine::InMessage;
 use pgrx::prelude::*;
+
+/// Payload bytes of received messages stored by one INSERT (and drained from the engine for
+/// one batch): PostgreSQL caps an array at 1 GB, and a batch must stay far below that.
+pub const MAX_BATCH_BYTES: usize = 128 << 20;
 
 #[derive(Default)]
 pub struct Batch {
@@ -26,7 +31,8 @@ pub fn store(schema: &str, batch: &Batch) -> Vec<(i32, u64, u64)> {
             .iter()
             .filter(|m| !m.topic.contains('\0'))
             .collect();
-        if !received.is_empty() {
+        for chunk in chunks_by_size(&received, MAX_BATCH_BYTES, |m| m.payload.len()) {
+            let received = chunk;
             let broker: Vec<i32> = received.iter().map(|m| m.broker_id).collect();
             let topic: Vec<&str> = received.iter().map(|m| m.topic.as_str()).collect();
             let payload: Vec<&[u8]> = received.iter().map(|m| m.payload.as_ref()).collect();
@@ -58,7 +64,7 @@ pub fn store(schema: &str, batch: &Batch) -> Vec<(i32, u64, u64)> {
             if let Err(e) = result {
                 error!("mqtt_pg could not store received messages: {e}");
             }
-            for m in &received {
+            for m in received {
                 counts.entry(m.broker_id).or_default().0 += 1;
             }
         }
@@ -74,16 +80,22 @@ pub fn store(schema: &str, batch: &Batch) -> Vec<(i32, u64, u64)> {
                        RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, u.pkid) \
                      INSERT INTO {schema}.mqtt_message_history \
                        (broker_id, topic, payload, qos, retain, direction, message_id) \
-                     SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id"
+                     SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id \
+                     RETURNING broker_id"
                 ),
                 None,
                 &[ids.into(), pkids.into()],
             );
-            if let Err(e) = result {
-                error!("mqtt_pg could not record delivered messages: {e}");
-            }
-            for d in &batch.delivered {
-                counts.entry(d.0).or_default().1 += 1;
+            // Count what left the outbox, not the events: a row reported twice is sent once.
+            match result {
+                Ok(rows) => {
+                    for r in rows {
+                        if let Ok(Some(b)) = r.get::<i32>(1) {
+                            counts.entry(b).or_default().1 += 1;
+                        }
+                    }
+                }
+                Err(e) => error!("mqtt_pg could not record delivered messages: {e}"),
             }
         }
         if !batch.rejected.is_empty() {

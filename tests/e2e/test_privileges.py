@@ -72,6 +72,12 @@ def test_other_roles_get_nothing_by_default(pg, odoo_db):
                           "SELECT mqtt_publish('a/b', 'x')"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     c.execute(query)
+            # The configuration trigger's function runs as the extension's owner: nobody else
+            # may attach it to tables of their own.
+            c.execute("CREATE TEMP TABLE t (x int)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("CREATE TRIGGER w AFTER INSERT ON t FOR EACH STATEMENT "
+                          "EXECUTE FUNCTION _mqtt_pg_config_changed()")
     finally:
         with pg.connect() as admin:
             admin.execute(f'DROP ROLE "{other}"')

@@ -241,8 +241,8 @@ def test_many_databases_without_the_extension_do_not_starve_one_with_it(mosq):
 
 
 def test_never_two_workers_for_one_database(pg, mosq):
-    """A database that stops accepting connections loses its worker (stopped, not forgotten);
-    when it accepts them again exactly one worker serves it."""
+    """A database that stops accepting connections loses its worker; when it accepts them again
+    the launcher finds it by itself (nobody calls anything) and exactly one worker serves it."""
     name = unique("allowconn")
     with pg.connect() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -258,8 +258,9 @@ def test_never_two_workers_for_one_database(pg, mosq):
             # The launcher notices within its nap (10 s) and stops the worker.
             wait_for(lambda: not pid_alive(first), timeout=30, message="the worker to be stopped")
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        # The launcher looks at pg_database every 10 s at the latest.
+        wait_for(lambda: worker_pid(pg, name), timeout=40, message="a worker for the database again")
         with pg.connect(name) as c:
-            c.execute("SELECT mqtt_start_listener('b')")
             wait_status(c, "b", "connected", timeout=30)
         with pg.connect() as admin:
             n = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' "
@@ -267,4 +268,57 @@ def test_never_two_workers_for_one_database(pg, mosq):
         assert n == 1
     finally:
         with pg.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_drop_and_create_extension_in_one_transaction(pg, mosq):
+    """DROP and CREATE EXTENSION in one transaction give a new extension (new tables, new ids):
+    the old worker leaves and a new one serves the new configuration."""
+    name = unique("recreate")
+    with pg.connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with pg.connect(name) as c:
+            c.execute("CREATE EXTENSION mqtt_pg")
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+                      (HOST, mosq.port))
+            wait_status(c, "b", "connected")
+            old = worker_pid(pg, name)
+            with c.transaction():
+                c.execute("DROP EXTENSION mqtt_pg")
+                c.execute("CREATE EXTENSION mqtt_pg")
+                c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b2', %s, %s, true)",
+                          (HOST, mosq.port))
+            wait_for(lambda: worker_pid(pg, name) not in (None, old), timeout=30,
+                     message="a new worker for the new extension")
+            wait_status(c, "b2", "connected", timeout=30)
+    finally:
+        with pg.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_create_database_from_a_template_in_use(pg, mosq):
+    """Odoo's "Duplicate database" is CREATE DATABASE ... TEMPLATE, which needs the template to
+    itself: the worker steps aside, and the copy gets a worker (and client ids) of its own."""
+    name = unique("tmplsrc")
+    copy = name + "_copy"
+    with pg.connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with pg.connect(name) as c:
+            c.execute("CREATE EXTENSION mqtt_pg")
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+                      (HOST, mosq.port))
+            wait_status(c, "b", "connected")
+            source_client = c.execute("SELECT mqtt_status('b')->>'client_id'").fetchone()[0]
+        with pg.connect() as admin:
+            admin.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{name}"')
+        with pg.connect(copy) as c:
+            wait_status(c, "b", "connected", timeout=40)
+            assert c.execute("SELECT mqtt_status('b')->>'client_id'").fetchone()[0] != source_client
+        with pg.connect(name) as c:
+            wait_status(c, "b", "connected", timeout=40)
+    finally:
+        with pg.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{copy}"')
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')

@@ -289,6 +289,11 @@ impl Engine {
         }
     }
 
+    /// Whether a task currently serves this broker.
+    pub fn has_broker(&self, id: i32) -> bool {
+        self.brokers.contains_key(&id)
+    }
+
     /// Broker tasks still running, including those told to stop that have not finished.
     pub fn running_tasks(&self) -> usize {
         self.tasks.load(Ordering::Acquire)
@@ -318,8 +323,17 @@ impl Engine {
         }
     }
 
-    /// Move up to `max` waiting events into `out`. Never blocks.
+    /// Move up to `max` waiting events, and received payloads of about `max_bytes` in all, into
+    /// `out`. Never blocks.
     pub fn drain_events(&mut self, out: &mut Vec<Event>, max: usize) {
+        self.drain_events_within(out, max, usize::MAX)
+    }
+
+    /// [`Engine::drain_events`] with a budget for received payload bytes: the batch stops once
+    /// it is reached (one message always fits), so a batch of large messages stays a size the
+    /// database can store in one statement.
+    pub fn drain_events_within(&mut self, out: &mut Vec<Event>, max: usize, max_bytes: usize) {
+        let mut bytes = 0usize;
         // Clear the flag before draining so that an event sent during the drain wakes us again.
         self.waker.pending.store(false, Ordering::Release);
         while out.len() < max {
@@ -332,10 +346,15 @@ impl Engine {
                             | Event::Connected { .. }
                             | Event::ConnectionLost { .. }
                             | Event::Warning { .. }
-                            | Event::Stopped { .. }
                     );
+                    if let Event::Received(m) = &ev {
+                        bytes = bytes.saturating_add(m.payload.len());
+                    }
                     if current || !status_only {
                         out.push(ev);
+                    }
+                    if bytes >= max_bytes {
+                        break;
                     }
                 }
                 Err(_) => break,
