@@ -42,7 +42,11 @@ unsafe fn option(options: *mut pg_sys::List, name: &CStr) -> Option<&'static CSt
             let def = (*(*options).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
             if !def.is_null() && !(*def).defname.is_null() && CStr::from_ptr((*def).defname) == name
             {
+                // `TEMPLATE DEFAULT` has no value: not a database we serve. Otherwise
                 // defGetString is what createdb/alterdb themselves use on these options.
+                if (*def).arg.is_null() {
+                    return None;
+                }
                 return Some(CStr::from_ptr(pg_sys::defGetString(def)));
             }
         }

@@ -116,7 +116,12 @@ pub extern "C-unwind" fn mqtt_pg_launcher_main(_arg: pg_sys::Datum) {
                     slot.latch = 0;
                     slot.not_before_us = now + RESTART_DELAY_US;
                 }
-                if slot.state == DbState::Wanted {
+                if slot.state == DbState::Wanted
+                    && handles.get(&slot.dboid).is_some_and(|h| alive(Some(h), 0))
+                {
+                    // The previous worker (told to step aside) has not exited yet: never two.
+                    next_wake = next_wake.min(Duration::from_millis(500));
+                } else if slot.state == DbState::Wanted {
                     if slot.not_before_us > now {
                         let wait = Duration::from_micros((slot.not_before_us - now) as u64);
                         next_wake = next_wake.min(wait);

@@ -36,11 +36,16 @@ struct BrokerRuntime {
     /// Epoch of the connection the worker last heard of (see `Engine::publish`).
     epoch: u64,
     ever_connected: bool,
-    /// Outbox ids handed to the engine and not yet acknowledged, with their payload sizes.
+    /// Outbox ids handed to the current connection task and not yet acknowledged, with their
+    /// payload sizes.
     in_flight: HashMap<i64, usize>,
-    /// Set while a replaced connection task is still winding down: rows handed to it stay in
-    /// flight (not resent) until its `Stopped` says it will write nothing more.
-    retiring: Option<Instant>,
+    /// Rows handed to connection tasks that a configuration change replaced. They are not
+    /// resent until every such task has said `Stopped` (it will write nothing more), and rows
+    /// of the new connection are never mixed up with them.
+    retired: HashMap<i64, usize>,
+    /// Replaced tasks not yet stopped, and since when the first of them has been winding down.
+    retiring: u32,
+    retiring_since: Option<Instant>,
 }
 
 /// A replaced connection task that never says `Stopped` (it panicked) must not hold its rows
@@ -48,16 +53,26 @@ struct BrokerRuntime {
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl BrokerRuntime {
-    /// Forget what was in flight (it will be read from the outbox again), unless a replaced
-    /// task may still be writing some of it.
-    fn settle_in_flight(&mut self) {
-        if self.retiring.is_none() {
-            self.in_flight.clear();
-        }
+    fn in_flight_bytes(&self) -> usize {
+        self.in_flight.values().sum::<usize>() + self.retired.values().sum::<usize>()
     }
 
-    fn in_flight_bytes(&self) -> usize {
-        self.in_flight.values().sum()
+    fn is_taken(&self, id: i64) -> bool {
+        self.in_flight.contains_key(&id) || self.retired.contains_key(&id)
+    }
+
+    /// The current task is being replaced: its rows wait for its `Stopped`.
+    fn retire(&mut self) {
+        self.retired.extend(self.in_flight.drain());
+        self.retiring += 1;
+        self.retiring_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Every replaced task has stopped (or took too long): their rows may go again.
+    fn release_retired(&mut self) {
+        self.retired.clear();
+        self.retiring = 0;
+        self.retiring_since = None;
     }
 }
 
@@ -163,6 +178,9 @@ fn release_slot(dboid: u32) {
         match shared.db_mut(dboid) {
             Some(slot) if slot.pid != me => {} // not ours (any more): leave it alone
             Some(slot) if slot.wake_flags & WAKE_CONFIG != 0 => {
+                // One wake-up buys one fresh worker: a worker that finds no extension must not
+                // hand the same flag on to the next for ever.
+                slot.wake_flags = 0;
                 slot.state = DbState::Wanted;
                 slot.pid = 0;
                 slot.latch = 0;
@@ -357,6 +375,7 @@ impl Worker {
                 } => {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.in_flight.remove(&outbox_id);
+                        b.retired.remove(&outbox_id);
                     }
                     batch.delivered.push((broker_id, outbox_id, pkid));
                     progressed = true;
@@ -368,6 +387,7 @@ impl Worker {
                 } => {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.in_flight.remove(&outbox_id);
+                        b.retired.remove(&outbox_id);
                     }
                     batch.rejected.push((outbox_id, error));
                     progressed = true;
@@ -387,7 +407,7 @@ impl Worker {
                         b.ever_connected = true;
                         b.connected = true;
                         b.epoch = epoch;
-                        b.settle_in_flight();
+                        b.in_flight.clear();
                     }
                     self.with_status(broker_id, |s| {
                         s.state = LinkState::Connected;
@@ -402,7 +422,7 @@ impl Worker {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.connected = false;
                         // The engine forgot them: they are resent from the outbox.
-                        b.settle_in_flight();
+                        b.in_flight.clear();
                     }
                     self.with_status(broker_id, |s| {
                         s.state = LinkState::Disconnected;
@@ -417,9 +437,12 @@ impl Worker {
                     // A replaced task has written its last: what it did not deliver goes to
                     // the new connection.
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
-                        if b.retiring.take().is_some() {
-                            b.in_flight.clear();
-                            progressed = true;
+                        if b.retiring > 0 {
+                            b.retiring -= 1;
+                            if b.retiring == 0 {
+                                b.release_retired();
+                                progressed = true;
+                            }
                         }
                     }
                 }
@@ -496,7 +519,7 @@ impl Worker {
             if let Some(rt) = self.brokers.get_mut(&id) {
                 rt.connected = false;
                 if had_task.contains(&id) {
-                    rt.retiring = Some(Instant::now());
+                    rt.retire();
                 } else {
                     rt.in_flight.clear();
                 }
@@ -528,18 +551,19 @@ impl Worker {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             for (id, rt) in brokers.iter_mut().filter(|(_, rt)| rt.connected) {
                 if rt
-                    .retiring
+                    .retiring_since
                     .is_some_and(|since| since.elapsed() >= RETIRE_TIMEOUT)
                 {
-                    rt.retiring = None;
-                    rt.in_flight.clear();
+                    rt.release_retired();
                 }
-                let room = max_in_flight.saturating_sub(rt.in_flight.len()).min(batch);
+                let taken = rt.in_flight.len() + rt.retired.len();
+                let room = max_in_flight.saturating_sub(taken).min(batch);
                 let byte_room = outbox::MAX_IN_FLIGHT_BYTES.saturating_sub(rt.in_flight_bytes());
                 if room == 0 || byte_room == 0 {
                     continue;
                 }
-                let msgs = outbox::fetch(&schema, *id, &rt.in_flight, room, byte_room);
+                let msgs =
+                    outbox::fetch(&schema, *id, taken, |row| rt.is_taken(row), room, byte_room);
                 if msgs.is_empty() {
                     continue;
                 }

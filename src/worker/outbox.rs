@@ -5,8 +5,6 @@
 //! row below ids already sent; reading "the lowest ids not in flight" rather than "ids above a
 //! watermark" picks those up too, in the order they became visible.
 
-use std::collections::HashMap;
-
 use mqtt_pg_core::engine::OutMessage;
 use pgrx::prelude::*;
 
@@ -16,15 +14,17 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 
 /// Up to `room` committed rows of one broker that are not in flight, lowest id first, with
 /// payloads of at most `byte_room` bytes in all (but always at least one row, however large).
+/// `taken` counts the rows `is_taken` says are in flight already (they are skipped).
 pub fn fetch(
     schema: &str,
     broker_id: i32,
-    in_flight: &HashMap<i64, usize>,
+    taken: usize,
+    is_taken: impl Fn(i64) -> bool,
     room: usize,
     byte_room: usize,
 ) -> Vec<OutMessage> {
     Spi::connect(|client| {
-        let limit = (in_flight.len() + room) as i64;
+        let limit = (taken + room) as i64;
         let candidates: Vec<(i64, usize)> = client
             .select(
                 &format!(
@@ -40,7 +40,7 @@ pub fn fetch(
                     let len = r.get::<i32>(2).ok().flatten().unwrap_or(0).max(0) as usize;
                     Some((id, len))
                 })
-                .filter(|(id, _)| !in_flight.contains_key(id))
+                .filter(|(id, _)| !is_taken(*id))
                 .take(room)
                 .collect()
             })

@@ -3,6 +3,8 @@ and a database that gets the extension while the server runs."""
 
 from __future__ import annotations
 
+import time
+
 from conftest import TEST_DB
 from harness import (
     HOST,
@@ -322,3 +324,43 @@ def test_create_database_from_a_template_in_use(pg, mosq):
         with pg.connect() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{copy}"')
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_drop_extension_with_a_pending_configuration_change_settles(pg, mosq):
+    """A configuration change committed with DROP EXTENSION leaves a wake-up behind: it may
+    buy one more worker (which finds no extension), never a stream of them."""
+    name = unique("dropstorm")
+    with pg.connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with pg.connect(name) as c:
+            c.execute("CREATE EXTENSION mqtt_pg")
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+                      (HOST, mosq.port))
+            wait_status(c, "b", "connected")
+            with c.transaction():
+                c.execute("UPDATE mqtt_broker SET port = 2")
+                c.execute("DROP EXTENSION mqtt_pg")
+        wait_for(lambda: worker_pid(pg, name) is None, timeout=10, message="no worker for the database")
+        # Watch for two seconds: a restart loop shows up as ever new worker pids.
+        seen = set()
+        deadline = time.monotonic() + 2
+        with pg.connect() as admin:
+            while time.monotonic() < deadline:
+                seen.update(r[0] for r in admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' AND datname = %s",
+                    (name,)))
+        assert len(seen) <= 1, f"workers kept being started: {len(seen)} pids in 2 s"
+    finally:
+        with pg.connect() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_create_database_template_default_is_untouched(pg):
+    """`TEMPLATE DEFAULT` names no database: the DDL hook must let it through."""
+    name = unique("tmpldefault")
+    with pg.connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE DEFAULT')
+        admin.execute(f'DROP DATABASE "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE = DEFAULT')
+        admin.execute(f'DROP DATABASE "{name}"')

@@ -425,16 +425,11 @@ pub(super) async fn run_broker(
     // Stopping: say goodbye politely if connected, but never wait long for it. Whatever
     // arrives meanwhile, or was read and not yet handed out, still counts.
     lock(&book).take_buffered(&client, id, &mut eventloop, &mut out);
-    // Publishes still queued for rumqttc must not go out now: the worker hands them to the next
-    // connection once it hears this one has stopped. `clean()` drops the network handle too,
-    // so keep it aside and put it back for the DISCONNECT.
-    {
-        let mut b = lock(&book);
-        let network = eventloop.network.take();
-        b.connection_lost(&mut eventloop);
-        b.connected = network.is_some();
-        eventloop.network = network;
-    }
+    // Rows not yet handed to rumqttc do not go out now: the worker gives them to the next
+    // connection once it hears this one has stopped. Requests rumqttc already holds go out
+    // before the DISCONNECT, and their acknowledgements (arriving in the grace period) are
+    // still credited; rumqttc's state is left intact for that.
+    lock(&book).queue.clear();
     if lock(&book).connected && client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
             loop {
