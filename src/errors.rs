@@ -30,7 +30,16 @@ pub fn bad_topic(what: &str, value: &str, e: &mqtt_pg_core::topic::TopicError) -
     )
 }
 
-pub fn bad_qos(qos: i32) -> ! {
+/// A QoS argument: 0, 1 or 2, else 22023.
+pub fn checked_qos(qos: Option<i32>) -> i32 {
+    match qos {
+        Some(q @ 0..=2) => q,
+        Some(q) => bad_qos(q),
+        None => raise(INVALID_PARAMETER, "qos must not be NULL", None),
+    }
+}
+
+fn bad_qos(qos: i32) -> ! {
     raise(
         INVALID_PARAMETER,
         format!("invalid qos {qos}: must be 0, 1 or 2"),

@@ -1,8 +1,22 @@
 //! Resolving the `broker` argument every function takes.
 
-use pgrx::spi::SpiClient;
+use pgrx::spi::{Spi, SpiClient};
 
+use crate::catalog;
 use crate::errors::{self, UNDEFINED_OBJECT};
+
+/// Run `f` with an SPI connection, the extension's quoted schema and the resolved broker: the
+/// shape of every function that acts on one broker.
+pub fn with_broker<R>(
+    name: Option<&str>,
+    f: impl FnOnce(&mut SpiClient<'_>, &str, &Broker) -> R,
+) -> R {
+    let schema = catalog::schema();
+    Spi::connect_mut(|client| {
+        let b = resolve(client, &schema, name);
+        f(client, &schema, &b)
+    })
+}
 
 /// A broker row as the functions need it.
 pub struct Broker {

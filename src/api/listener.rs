@@ -27,9 +27,7 @@ pub fn client_id_for(broker_id: i32, configured: Option<String>) -> String {
 /// MQTT client id of the connection.
 #[pg_extern(volatile, parallel_unsafe)]
 fn mqtt_start_listener(broker: default!(Option<&str>, "NULL")) -> String {
-    let schema = catalog::schema();
-    Spi::connect_mut(|client| {
-        let b = broker::resolve(client, &schema, broker);
+    broker::with_broker(broker, |client, schema, b| {
         let configured: Option<String> = client
             .update(
                 &format!(
@@ -48,9 +46,7 @@ fn mqtt_start_listener(broker: default!(Option<&str>, "NULL")) -> String {
 /// Mark the broker inactive; true if it was active.
 #[pg_extern(volatile, parallel_unsafe)]
 fn mqtt_stop_listener(broker: default!(Option<&str>, "NULL")) -> bool {
-    let schema = catalog::schema();
-    Spi::connect_mut(|client| {
-        let b = broker::resolve(client, &schema, broker);
+    broker::with_broker(broker, |client, schema, b| {
         client
             .update(
                 &format!(

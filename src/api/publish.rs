@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
-use crate::{catalog, gucs, shmem, wake};
+use crate::{gucs, shmem, wake};
 
 /// Queue a text payload (sent as its UTF-8 bytes).
 #[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
@@ -54,11 +54,7 @@ pub fn publish(
             Some("Pass '' for an empty message (which, retained, clears the topic's retained message)."),
         )
     });
-    let qos = match qos {
-        Some(q @ 0..=2) => q,
-        Some(q) => errors::bad_qos(q),
-        None => errors::raise(INVALID_PARAMETER, "qos must not be NULL", None),
-    };
+    let qos = errors::checked_qos(qos);
     let retain =
         retain.unwrap_or_else(|| errors::raise(INVALID_PARAMETER, "retain must not be NULL", None));
     let limit = gucs::max_payload_size();
@@ -72,9 +68,7 @@ pub fn publish(
             Some("Send a smaller payload, or raise mqtt_pg.max_payload_size (a superuser setting) if the broker accepts larger messages."),
         );
     }
-    let schema = catalog::schema();
-    let id = Spi::connect_mut(|client| {
-        let b = broker::resolve(client, &schema, broker);
+    let id = broker::with_broker(broker, |client, schema, b| {
         // Access control (mqtt_access_control) will be checked here, once for every publish.
         client
             .update(

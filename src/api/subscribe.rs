@@ -5,7 +5,6 @@
 use pgrx::prelude::*;
 
 use crate::api::broker;
-use crate::catalog;
 use crate::errors::{self, INVALID_PARAMETER};
 
 fn checked_filter(filter: Option<&str>) -> &str {
@@ -27,11 +26,7 @@ fn _mqtt_subscribe(
     target_table: Option<pg_sys::Oid>,
 ) -> i32 {
     let filter = checked_filter(filter);
-    let qos = match qos {
-        Some(q @ 0..=2) => q,
-        Some(q) => errors::bad_qos(q),
-        None => errors::raise(INVALID_PARAMETER, "qos must not be NULL", None),
-    };
+    let qos = errors::checked_qos(qos);
     if handler.is_some() || target_table.is_some() {
         errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -39,9 +34,7 @@ fn _mqtt_subscribe(
             Some("Subscribe without handler and target_table; messages are stored in mqtt_message_history."),
         );
     }
-    let schema = catalog::schema();
-    Spi::connect_mut(|client| {
-        let b = broker::resolve(client, &schema, broker);
+    broker::with_broker(broker, |client, schema, b| {
         // Access control (mqtt_access_control, allow_subscribe) will be checked here.
         client
             .update(
@@ -72,9 +65,7 @@ fn _mqtt_subscribe(
 #[pg_extern(volatile, parallel_unsafe)]
 fn mqtt_unsubscribe(topic_filter: Option<&str>, broker: default!(Option<&str>, "NULL")) -> bool {
     let filter = checked_filter(topic_filter);
-    let schema = catalog::schema();
-    Spi::connect_mut(|client| {
-        let b = broker::resolve(client, &schema, broker);
+    broker::with_broker(broker, |client, schema, b| {
         client
             .update(
                 &format!(

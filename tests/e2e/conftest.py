@@ -107,6 +107,25 @@ def connect(pg):
 
 
 @pytest.fixture
+def scratch_db(pg):
+    """Create databases for one test: scratch_db("prefix") returns a new database's name. They
+    are dropped after the test, whatever state it left them in."""
+    made: list[str] = []
+
+    def make(prefix: str = "db") -> str:
+        name = unique(prefix)
+        with pg.connect() as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        made.append(name)
+        return name
+
+    yield make
+    with pg.connect() as admin:
+        for name in reversed(made):
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
 def topic() -> str:
     """A unique topic prefix for this test, e.g. 'e2e/3f2a...'."""
     return f"e2e/{uuid.uuid4().hex[:16]}"

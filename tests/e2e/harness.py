@@ -614,6 +614,15 @@ def wait_ingesting(conn: psycopg.Connection, port: int, probe_topic: str, timeou
                 raise AssertionError(f"no probe on {probe_topic!r} was ingested within {timeout}s") from None
 
 
+def serve_broker(conn: psycopg.Connection, port: int, broker: str = "b", timeout: float = 20) -> None:
+    """In a database without mqtt_pg: CREATE EXTENSION, an active broker row for the mosquitto
+    on `port`, and wait until the worker is connected to it."""
+    conn.execute("CREATE EXTENSION mqtt_pg")
+    conn.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES (%s, %s, %s, true)",
+                 (broker, HOST, port))
+    wait_status(conn, broker, "connected", timeout=timeout)
+
+
 def table_counts(conn: psycopg.Connection) -> dict[str, int]:
     """Row counts of the extension's tables: nothing may change when a call fails."""
     return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]

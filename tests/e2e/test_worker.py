@@ -8,6 +8,7 @@ import time
 from conftest import TEST_DB
 from harness import (
     HOST,
+    serve_broker,
     mosquitto_pub,
     mqtt_sub,
     pid_alive,
@@ -92,10 +93,7 @@ def test_drop_and_rename_database_with_a_running_worker(pg, mosq):
     with pg.connect() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     with pg.connect(name) as c:
-        c.execute("CREATE EXTENSION mqtt_pg")
-        c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                  (HOST, mosq.port))
-        wait_status(c, "b", "connected")
+        serve_broker(c, mosq.port)
     assert worker_pid(pg, name) is not None
 
     renamed = name + "_r"
@@ -112,68 +110,50 @@ def test_drop_and_rename_database_with_a_running_worker(pg, mosq):
     assert worker_pid(pg, renamed) is None
 
 
-def test_each_database_has_its_own_worker_and_client_id(pg, conn, broker, topic, mosq):
+def test_each_database_has_its_own_worker_and_client_id(pg, conn, broker, topic, mosq, scratch_db):
     """A second database with the extension and a broker on the same mosquitto works on its own:
     a worker of its own, a different generated client id, its own subscriptions."""
-    other = unique("otherdb")
-    with pg.connect() as admin:
-        admin.execute(f'CREATE DATABASE "{other}"')
-    try:
-        with pg.connect(other) as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port) VALUES (%s, %s, %s)",
-                      (broker.name, HOST, mosq.port))
-            other_client = c.execute("SELECT mqtt_start_listener(%s)", (broker.name,)).fetchone()[0]
-            wait_status(c, broker.name, "connected")
-            assert other_client != broker.client_id
-            assert worker_pid(pg, other) not in (None, worker_pid(pg, TEST_DB))
+    other = scratch_db("otherdb")
+    with pg.connect(other) as c:
+        c.execute("CREATE EXTENSION mqtt_pg")
+        c.execute("INSERT INTO mqtt_broker (name, host, port) VALUES (%s, %s, %s)",
+                  (broker.name, HOST, mosq.port))
+        other_client = c.execute("SELECT mqtt_start_listener(%s)", (broker.name,)).fetchone()[0]
+        wait_status(c, broker.name, "connected")
+        assert other_client != broker.client_id
+        assert worker_pid(pg, other) not in (None, worker_pid(pg, TEST_DB))
 
-            c.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/other/#", broker.name))
-            conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/main/#", broker.name))
-            wait_ingesting(c, mosq.port, f"{topic}/other/probe")
-            wait_ingesting(conn, mosq.port, f"{topic}/main/probe")
+        c.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/other/#", broker.name))
+        conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/main/#", broker.name))
+        wait_ingesting(c, mosq.port, f"{topic}/other/probe")
+        wait_ingesting(conn, mosq.port, f"{topic}/main/probe")
 
-            mosquitto_pub(mosq.port, f"{topic}/other/x", "for other", qos=1)
-            mosquitto_pub(mosq.port, f"{topic}/main/x", "for main", qos=1)
-            [row] = wait_history(c, f"{topic}/other/x", 1)
-            assert row["payload"] == b"for other"
-            [row] = wait_history(conn, f"{topic}/main/x", 1)
-            assert row["payload"] == b"for main"
-            # Both connections stayed up: neither kicked the other out.
-            assert c.execute("SELECT mqtt_status(%s)->>'status'", (broker.name,)).fetchone()[0] == "connected"
-            assert c.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",
-                             (f"{topic}/main/x",)).fetchone()[0] == 0
-            assert conn.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",
-                                (f"{topic}/other/x",)).fetchone()[0] == 0
-    finally:
-        with pg.connect() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{other}"')
+        mosquitto_pub(mosq.port, f"{topic}/other/x", "for other", qos=1)
+        mosquitto_pub(mosq.port, f"{topic}/main/x", "for main", qos=1)
+        [row] = wait_history(c, f"{topic}/other/x", 1)
+        assert row["payload"] == b"for other"
+        [row] = wait_history(conn, f"{topic}/main/x", 1)
+        assert row["payload"] == b"for main"
+        # Both connections stayed up: neither kicked the other out.
+        assert c.execute("SELECT mqtt_status(%s)->>'status'", (broker.name,)).fetchone()[0] == "connected"
+        assert c.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",
+                         (f"{topic}/main/x",)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",
+                            (f"{topic}/other/x",)).fetchone()[0] == 0
 
 
-def test_drop_extension_stops_the_worker(pg, mosq):
+def test_drop_extension_stops_the_worker(pg, mosq, scratch_db):
     """DROP EXTENSION ends that database's worker (and its connections); CREATE EXTENSION
     later brings one back."""
-    name = unique("dropext")
-    with pg.connect() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        with pg.connect(name) as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                      (HOST, mosq.port))
-            wait_status(c, "b", "connected")
-            pid = worker_pid(pg, name)
-            c.execute("DROP EXTENSION mqtt_pg")
-            wait_for(lambda: not pid_alive(pid), timeout=10, message="the worker to exit after DROP EXTENSION")
-            assert worker_pid(pg, name) is None
+    name = scratch_db("dropext")
+    with pg.connect(name) as c:
+        serve_broker(c, mosq.port)
+        pid = worker_pid(pg, name)
+        c.execute("DROP EXTENSION mqtt_pg")
+        wait_for(lambda: not pid_alive(pid), timeout=10, message="the worker to exit after DROP EXTENSION")
+        assert worker_pid(pg, name) is None
 
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                      (HOST, mosq.port))
-            wait_status(c, "b", "connected", timeout=30)
-    finally:
-        with pg.connect() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        serve_broker(c, mosq.port, timeout=30)
 
 
 def test_prepared_transaction_is_sent_after_commit_prepared(pg, conn, broker, topic):
@@ -226,10 +206,7 @@ def test_many_databases_without_the_extension_do_not_starve_one_with_it(mosq):
                 admin.execute(f'CREATE DATABASE "plain_{i:02d}"')
             admin.execute('CREATE DATABASE "zz_mqtt"')
         with cluster.connect("zz_mqtt") as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                      (HOST, mosq.port))
-            wait_status(c, "b", "connected")
+            serve_broker(c, mosq.port)
         cluster.restart()
         with cluster.connect("zz_mqtt") as c:
             wait_status(c, "b", "connected", timeout=60)
@@ -242,61 +219,43 @@ def test_many_databases_without_the_extension_do_not_starve_one_with_it(mosq):
         cluster.destroy()
 
 
-def test_never_two_workers_for_one_database(pg, mosq):
+def test_never_two_workers_for_one_database(pg, mosq, scratch_db):
     """A database that stops accepting connections loses its worker; when it accepts them again
     the launcher finds it by itself (nobody calls anything) and exactly one worker serves it."""
-    name = unique("allowconn")
+    name = scratch_db("allowconn")
+    with pg.connect(name) as c:
+        serve_broker(c, mosq.port)
+    first = worker_pid(pg, name)
     with pg.connect() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        with pg.connect(name) as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                      (HOST, mosq.port))
-            wait_status(c, "b", "connected")
-        first = worker_pid(pg, name)
-        with pg.connect() as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            # The launcher notices within its nap (10 s) and stops the worker.
-            wait_for(lambda: not pid_alive(first), timeout=30, message="the worker to be stopped")
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        # The launcher looks at pg_database every 10 s at the latest.
-        wait_for(lambda: worker_pid(pg, name), timeout=40, message="a worker for the database again")
-        with pg.connect(name) as c:
-            wait_status(c, "b", "connected", timeout=30)
-        with pg.connect() as admin:
-            n = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' "
-                              "AND datname = %s", (name,)).fetchone()[0]
-        assert n == 1
-    finally:
-        with pg.connect() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        # The launcher notices within its nap (10 s) and stops the worker.
+        wait_for(lambda: not pid_alive(first), timeout=30, message="the worker to be stopped")
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    # The launcher looks at pg_database every 10 s at the latest.
+    wait_for(lambda: worker_pid(pg, name), timeout=40, message="a worker for the database again")
+    with pg.connect(name) as c:
+        wait_status(c, "b", "connected", timeout=30)
+    with pg.connect() as admin:
+        n = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' "
+                          "AND datname = %s", (name,)).fetchone()[0]
+    assert n == 1
 
 
-def test_drop_and_create_extension_in_one_transaction(pg, mosq):
+def test_drop_and_create_extension_in_one_transaction(pg, mosq, scratch_db):
     """DROP and CREATE EXTENSION in one transaction give a new extension (new tables, new ids):
     the old worker leaves and a new one serves the new configuration."""
-    name = unique("recreate")
-    with pg.connect() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        with pg.connect(name) as c:
+    name = scratch_db("recreate")
+    with pg.connect(name) as c:
+        serve_broker(c, mosq.port)
+        old = worker_pid(pg, name)
+        with c.transaction():
+            c.execute("DROP EXTENSION mqtt_pg")
             c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b2', %s, %s, true)",
                       (HOST, mosq.port))
-            wait_status(c, "b", "connected")
-            old = worker_pid(pg, name)
-            with c.transaction():
-                c.execute("DROP EXTENSION mqtt_pg")
-                c.execute("CREATE EXTENSION mqtt_pg")
-                c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b2', %s, %s, true)",
-                          (HOST, mosq.port))
-            wait_for(lambda: worker_pid(pg, name) not in (None, old), timeout=30,
-                     message="a new worker for the new extension")
-            wait_status(c, "b2", "connected", timeout=30)
-    finally:
-        with pg.connect() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        wait_for(lambda: worker_pid(pg, name) not in (None, old), timeout=30,
+                 message="a new worker for the new extension")
+        wait_status(c, "b2", "connected", timeout=30)
 
 
 def test_create_database_from_a_template_in_use(pg, mosq):
@@ -308,10 +267,7 @@ def test_create_database_from_a_template_in_use(pg, mosq):
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         with pg.connect(name) as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                      (HOST, mosq.port))
-            wait_status(c, "b", "connected")
+            serve_broker(c, mosq.port)
             source_client = c.execute("SELECT mqtt_status('b')->>'client_id'").fetchone()[0]
         with pg.connect() as admin:
             admin.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{name}"')
@@ -326,34 +282,25 @@ def test_create_database_from_a_template_in_use(pg, mosq):
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
-def test_drop_extension_with_a_pending_configuration_change_settles(pg, mosq):
+def test_drop_extension_with_a_pending_configuration_change_settles(pg, mosq, scratch_db):
     """A configuration change committed with DROP EXTENSION leaves a wake-up behind: it may
     buy one more worker (which finds no extension), never a stream of them."""
-    name = unique("dropstorm")
+    name = scratch_db("dropstorm")
+    with pg.connect(name) as c:
+        serve_broker(c, mosq.port)
+        with c.transaction():
+            c.execute("UPDATE mqtt_broker SET port = 2")
+            c.execute("DROP EXTENSION mqtt_pg")
+    wait_for(lambda: worker_pid(pg, name) is None, timeout=10, message="no worker for the database")
+    # Watch for two seconds: a restart loop shows up as ever new worker pids.
+    seen = set()
+    deadline = time.monotonic() + 2
     with pg.connect() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        with pg.connect(name) as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
-            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
-                      (HOST, mosq.port))
-            wait_status(c, "b", "connected")
-            with c.transaction():
-                c.execute("UPDATE mqtt_broker SET port = 2")
-                c.execute("DROP EXTENSION mqtt_pg")
-        wait_for(lambda: worker_pid(pg, name) is None, timeout=10, message="no worker for the database")
-        # Watch for two seconds: a restart loop shows up as ever new worker pids.
-        seen = set()
-        deadline = time.monotonic() + 2
-        with pg.connect() as admin:
-            while time.monotonic() < deadline:
-                seen.update(r[0] for r in admin.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' AND datname = %s",
-                    (name,)))
-        assert len(seen) <= 1, f"workers kept being started: {len(seen)} pids in 2 s"
-    finally:
-        with pg.connect() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        while time.monotonic() < deadline:
+            seen.update(r[0] for r in admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' AND datname = %s",
+                (name,)))
+    assert len(seen) <= 1, f"workers kept being started: {len(seen)} pids in 2 s"
 
 
 def test_create_database_template_default_is_untouched(pg):
