@@ -662,6 +662,24 @@ impl Harness {
         self.engine.take().expect("engine already shut down")
     }
 
+    /// Wait until `n` rows have an outcome (Delivered or Rejected), then keep listening briefly
+    /// so that an extra, wrong outcome would be seen too; returns every event.
+    pub fn wait_outcomes(&mut self, n: usize) -> Vec<Event> {
+        let mut events = self.wait_until(&format!("{n} Delivered or Rejected"), WAIT, |s| {
+            delivered(s).len()
+                + s.iter()
+                    .filter(|e| matches!(e, Event::Rejected { .. }))
+                    .count()
+                >= n
+        });
+        events.extend(
+            self.collect_for(Duration::from_millis(300))
+                .into_iter()
+                .map(|(_, e)| e),
+        );
+        events
+    }
+
     /// Publish on the broker's connection as last seen (what the worker does).
     pub fn publish(&mut self, broker_id: i32, msgs: Vec<OutMessage>) -> bool {
         let epoch = self.epochs.get(&broker_id).copied().unwrap_or(0);
