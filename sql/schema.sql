@@ -16,7 +16,8 @@ CREATE TABLE @extschema@.mqtt_broker (
     client_key       text,
     client_id        text CHECK (client_id <> ''),
     keepalive        integer NOT NULL DEFAULT 60 CHECK (keepalive BETWEEN 5 AND 65535),
-    clean_session    boolean NOT NULL DEFAULT true,
+    clean_session    boolean NOT NULL DEFAULT false,
+    max_packet_size  integer CHECK (max_packet_size BETWEEN 64 AND 268435455),
     reconnect_min_ms integer NOT NULL DEFAULT 500 CHECK (reconnect_min_ms >= 0),
     reconnect_max_ms integer NOT NULL DEFAULT 30000 CHECK (reconnect_max_ms >= reconnect_min_ms),
     is_default       boolean NOT NULL DEFAULT false,
@@ -35,7 +36,8 @@ COMMENT ON COLUMN @extschema@.mqtt_broker.use_tls IS 'Connect with TLS (not supp
 COMMENT ON COLUMN @extschema@.mqtt_broker.client_key IS 'PEM client key for mutual TLS (secret).';
 COMMENT ON COLUMN @extschema@.mqtt_broker.client_id IS 'MQTT client id; NULL means a stable id derived from cluster, database and broker.';
 COMMENT ON COLUMN @extschema@.mqtt_broker.keepalive IS 'MQTT keep-alive, seconds.';
-COMMENT ON COLUMN @extschema@.mqtt_broker.clean_session IS 'Ask the broker for a clean session on every connect.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.clean_session IS 'false (default): a persistent session, so the broker keeps subscriptions and queues QoS 1/2 messages while the listener is away; true: start afresh on every connect.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.max_packet_size IS 'Largest MQTT packet sent to this broker, bytes (NULL: the MQTT maximum, 256 MiB). Larger outbox rows go to mqtt_dead_letter instead.';
 COMMENT ON COLUMN @extschema@.mqtt_broker.reconnect_min_ms IS 'First reconnect delay after a failure, ms (grows exponentially, with jitter).';
 COMMENT ON COLUMN @extschema@.mqtt_broker.reconnect_max_ms IS 'Longest reconnect delay, ms.';
 COMMENT ON COLUMN @extschema@.mqtt_broker.is_default IS 'The broker used when a function gets broker => NULL (at most one).';

@@ -86,3 +86,10 @@ pub fn resolve(client: &SpiClient<'_>, schema: &str, name: Option<&str>) -> Brok
         }
     }
 }
+
+/// Internal: the id of the broker a `broker` argument names, resolved and checked as every
+/// function does (for the SQL-language functions in finalize.sql).
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn _mqtt_broker_id(broker: pgrx::default!(Option<&str>, "NULL")) -> i32 {
+    with_broker(broker, |_, _, b| b.id)
+}

@@ -84,24 +84,32 @@ fn ts(us: i64) -> Value {
 #[pg_extern(stable)]
 fn mqtt_status(broker: default!(Option<&str>, "NULL")) -> JsonB {
     let schema = catalog::schema();
-    let (b, active, configured, depth) = Spi::connect(|client| {
+    let (b, active, configured, depth, dead) = Spi::connect(|client| {
         let b = broker::resolve(client, &schema, broker);
         let row = client
             .select(
                 &format!(
                     "SELECT active, client_id, \
-                     (SELECT count(*) FROM {schema}.mqtt_outbox o WHERE o.broker_id OPERATOR(pg_catalog.=) b.id) \
+                     (SELECT count(*) FROM {schema}.mqtt_outbox o WHERE o.broker_id OPERATOR(pg_catalog.=) b.id), \
+                     (SELECT count(*) FROM {schema}.mqtt_dead_letter d WHERE d.broker_id OPERATOR(pg_catalog.=) b.id) \
                      FROM {schema}.mqtt_broker b WHERE id OPERATOR(pg_catalog.=) $1"
                 ),
                 Some(1),
                 &[b.id.into()],
             )
             .unwrap_or_else(|e| errors::raise(errors::UNDEFINED_OBJECT, e.to_string(), None));
+        let row = row.first();
         let (active, configured, depth) = row
-            .first()
             .get_three::<bool, String, i64>()
             .unwrap_or((None, None, None));
-        (b, active.unwrap_or(false), configured, depth.unwrap_or(0))
+        let dead = row.get::<i64>(4).ok().flatten().unwrap_or(0);
+        (
+            b,
+            active.unwrap_or(false),
+            configured,
+            depth.unwrap_or(0),
+            dead,
+        )
     });
 
     // SAFETY: MyDatabaseId is set in every backend connected to a database.
@@ -126,6 +134,7 @@ fn mqtt_status(broker: default!(Option<&str>, "NULL")) -> JsonB {
         "client_id": client_id_for(b.id, configured),
         "worker": if worker_running { "running" } else { "not running" },
         "outbox_depth": depth,
+        "dead_letters": dead,
         "since": Value::Null,
         "last_error": Value::Null,
         "last_error_at": Value::Null,

@@ -25,7 +25,7 @@ pub fn load(schema: &str) -> Vec<Loaded> {
         let rows = client.select(
             &format!(
                 "SELECT id, name, host, port, username, password, use_tls, client_id, keepalive, \
-                 clean_session, reconnect_min_ms, reconnect_max_ms \
+                 clean_session, reconnect_min_ms, reconnect_max_ms, max_packet_size \
                  FROM {schema}.mqtt_broker WHERE active ORDER BY id"
             ),
             None,
@@ -47,14 +47,6 @@ pub fn load(schema: &str) -> Vec<Loaded> {
                         .to_string(),
                 );
                 None
-            } else if !get_b(10) {
-                // rumqttc 0.25 cannot resume a session safely yet (a resent PUBREL loops on
-                // "unsolicited"): refuse rather than reconnect for ever.
-                problem = Some(
-                    "persistent sessions are not supported by this build yet (mqtt_broker.clean_session = false)"
-                        .to_string(),
-                );
-                None
             } else if port == 0 {
                 problem = Some(format!("invalid port {} for broker \"{name}\"", get_i(4)));
                 None
@@ -69,7 +61,13 @@ pub fn load(schema: &str) -> Vec<Loaded> {
                     client_id,
                     keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
                     clean_session: get_b(10),
-                    max_packet_size: MQTT_MAX_PACKET,
+                    max_packet_size: row
+                        .get::<i32>(13)
+                        .ok()
+                        .flatten()
+                        .map_or(MQTT_MAX_PACKET, |n| {
+                            (n.max(64) as usize).min(MQTT_MAX_PACKET)
+                        }),
                     reconnect_min: Duration::from_millis(get_i(11).max(0) as u64),
                     reconnect_max: Duration::from_millis(get_i(12).max(0) as u64),
                     max_inflight: 100,

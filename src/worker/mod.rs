@@ -11,6 +11,7 @@
 mod config;
 mod outbox;
 mod store;
+mod subxact;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -46,7 +47,16 @@ struct BrokerRuntime {
     /// Replaced tasks not yet stopped, and since when the first of them has been winding down.
     retiring: u32,
     retiring_since: Option<Instant>,
+    /// How often each outbox row was the oldest unacknowledged one when a connection ended
+    /// (see `Event::ConnectionLost::suspect`).
+    strikes: HashMap<i64, u32>,
 }
+
+/// A row that was the oldest unacknowledged one this many times when the broker closed the
+/// connection is taken to be refused for good (MQTT 3.1.1 has no other way to say so; mosquitto
+/// closes the connection on a packet over its `max_packet_size`) and is dead-lettered, so the
+/// queue behind it moves again. A broker restart names one innocent row at most once or twice.
+const STRIKES_TO_DEAD_LETTER: u32 = 3;
 
 /// A replaced connection task that never says `Stopped` (it panicked) must not hold its rows
 /// for ever.
@@ -314,6 +324,11 @@ impl Worker {
     /// that a clean stop (SIGTERM, server shutdown) keeps what was already received.
     fn shutdown(mut self, wake_rx: &UnixStream) {
         let deadline = Instant::now() + Duration::from_secs(1);
+        // Store what has arrived while the connections are still up, so their acknowledgements
+        // reach the broker (ahead of the DISCONNECT) and it does not send those messages again.
+        while self.engine.has_events() && Instant::now() < deadline {
+            self.process_events();
+        }
         self.engine.set_brokers(Vec::new());
         while self.engine.running_tasks() > 0 && Instant::now() < deadline {
             // The engine writes to the socket whenever it has events; the timeout only bounds
@@ -376,6 +391,7 @@ impl Worker {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.in_flight.remove(&outbox_id);
                         b.retired.remove(&outbox_id);
+                        b.strikes.remove(&outbox_id);
                     }
                     batch.delivered.push((broker_id, outbox_id, pkid));
                     progressed = true;
@@ -418,11 +434,32 @@ impl Worker {
                     });
                     progressed = true;
                 }
-                Event::ConnectionLost { broker_id, error } => {
+                Event::ConnectionLost {
+                    broker_id,
+                    error,
+                    suspect,
+                } => {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.connected = false;
                         // The engine forgot them: they are resent from the outbox.
                         b.in_flight.clear();
+                        if let Some(id) = suspect {
+                            let strikes = b.strikes.entry(id).or_default();
+                            *strikes += 1;
+                            if *strikes >= STRIKES_TO_DEAD_LETTER {
+                                b.strikes.remove(&id);
+                                batch.rejected.push((
+                                    id,
+                                    format!(
+                                        "the broker closed the connection {STRIKES_TO_DEAD_LETTER} times \
+                                         while this message was the oldest unacknowledged one; it is \
+                                         probably larger than the broker accepts (mosquitto: \
+                                         max_packet_size). Last error: {error}"
+                                    ),
+                                ));
+                                progressed = true;
+                            }
+                        }
                     }
                     self.with_status(broker_id, |s| {
                         s.state = LinkState::Disconnected;
@@ -448,8 +485,11 @@ impl Worker {
                 }
             }
         }
-        let counts = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
-        for (broker_id, received, sent) in counts {
+        let outcome = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
+        // Committed: now, and only now, the broker may forget these messages.
+        self.engine.ack(outcome.acks);
+        // Dead letters are counted from their table by mqtt_status.
+        for (broker_id, (received, sent, _dead)) in outcome.counts {
             self.with_status(broker_id, |s| {
                 s.received += received;
                 s.sent += sent;

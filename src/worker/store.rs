@@ -1,12 +1,20 @@
 //! Writing one batch of engine events: received messages into history, delivered outbox rows
 //! moved to history, rejected ones to dead letters. One transaction, a handful of statements,
 //! however many messages: arrays in, `unnest` out (never one INSERT per message).
+//!
+//! A statement the database refuses (a trigger or constraint someone added to a table) never
+//! takes the batch down: it is retried message by message in subtransactions, and whatever
+//! still fails is set aside in `mqtt_dead_letter` with the error. The broker is acknowledged
+//! only for messages stored in one of the two tables.
 
 use std::collections::HashMap;
 
 use mqtt_pg_core::batch::chunks_by_size;
-use mqtt_pg_core::engine::InMessage;
+use mqtt_pg_core::engine::{Ack, InMessage};
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use super::subxact;
 
 /// Payload bytes of received messages stored by one INSERT (and drained from the engine for
 /// one batch): PostgreSQL caps an array at 1 GB, and a batch must stay far below that.
@@ -15,88 +23,73 @@ pub const MAX_BATCH_BYTES: usize = 128 << 20;
 #[derive(Default)]
 pub struct Batch {
     pub received: Vec<InMessage>,
-    /// (broker id, outbox id, packet id)
     pub delivered: Vec<(i32, i64, Option<u16>)>,
-    /// (outbox id, reason)
     pub rejected: Vec<(i64, String)>,
 }
 
-/// Store the batch; returns (broker id, messages received, messages sent) for the counters.
-pub fn store(schema: &str, batch: &Batch) -> Vec<(i32, u64, u64)> {
-    let mut counts: HashMap<i32, (u64, u64)> = HashMap::new();
+/// What a stored batch changed: per broker (received, sent, dead-lettered), and the
+/// acknowledgements the broker may have once the transaction has committed.
+#[derive(Default)]
+pub struct Outcome {
+    pub counts: HashMap<i32, (u64, u64, u64)>,
+    pub acks: Vec<Ack>,
+}
+
+pub fn store(schema: &str, batch: &Batch) -> Outcome {
+    let mut outcome = Outcome::default();
     Spi::connect_mut(|client| {
-        // Topics with U+0000 are illegal in MQTT and cannot be stored as text: set aside.
-        let received: Vec<&InMessage> = batch
-            .received
-            .iter()
-            .filter(|m| !m.topic.contains('\0'))
-            .collect();
+        let mut refused: Vec<(&InMessage, String)> = Vec::new();
+        let (received, nul): (Vec<&InMessage>, Vec<&InMessage>) =
+            batch.received.iter().partition(|m| !m.topic.contains('\0'));
+        for m in nul {
+            refused.push((
+                m,
+                "topic contains a NUL byte, which text cannot hold".into(),
+            ));
+        }
         for chunk in chunks_by_size(&received, MAX_BATCH_BYTES, |m| m.payload.len()) {
-            let received = chunk;
-            let broker: Vec<i32> = received.iter().map(|m| m.broker_id).collect();
-            let topic: Vec<&str> = received.iter().map(|m| m.topic.as_str()).collect();
-            let payload: Vec<&[u8]> = received.iter().map(|m| m.payload.as_ref()).collect();
-            let qos: Vec<i16> = received.iter().map(|m| m.qos as i16).collect();
-            let retain: Vec<bool> = received.iter().map(|m| m.retain).collect();
-            let pkid: Vec<Option<i32>> = received.iter().map(|m| m.pkid.map(i32::from)).collect();
-            let at: Vec<i64> = received.iter().map(|m| m.received_at_us).collect();
-            let result = client.update(
-                &format!(
-                    "INSERT INTO {schema}.mqtt_message_history \
-                     (broker_id, topic, payload, qos, retain, direction, message_id, \"timestamp\") \
-                     SELECT b, t, p, q, r, 'receive', m, \
-                            'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
-                            (u::pg_catalog.float8 OPERATOR(pg_catalog.*) interval '1 microsecond') \
-                     FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::int2[], $5::bool[], \
-                                 $6::int4[], $7::int8[]) AS x(b, t, p, q, r, m, u)"
-                ),
-                None,
-                &[
-                    broker.into(),
-                    topic.into(),
-                    payload.into(),
-                    qos.into(),
-                    retain.into(),
-                    pkid.into(),
-                    at.into(),
-                ],
-            );
-            if let Err(e) = result {
-                error!("mqtt_pg could not store received messages: {e}");
+            let stored = match subxact::run(|| insert_received(client, schema, chunk)) {
+                Ok(()) => chunk.to_vec(),
+                Err(e) => {
+                    warning!(
+                        "mqtt_pg could not store a batch of {} received messages ({e}); \
+                         storing them one by one",
+                        chunk.len()
+                    );
+                    let mut stored = Vec::new();
+                    for m in chunk {
+                        match subxact::run(|| insert_received(client, schema, &[*m])) {
+                            Ok(()) => stored.push(*m),
+                            Err(e) => refused.push((m, e)),
+                        }
+                    }
+                    stored
+                }
+            };
+            for m in stored {
+                outcome.counts.entry(m.broker_id).or_default().0 += 1;
+                outcome.acks.extend(m.ack);
             }
-            for m in received {
-                counts.entry(m.broker_id).or_default().0 += 1;
+        }
+        for (m, error) in refused {
+            let stored = subxact::run(|| dead_letter_received(client, schema, m, &error));
+            match stored {
+                Ok(()) => {
+                    warning!(
+                        "mqtt_pg set a message received on topic \"{}\" aside in mqtt_dead_letter: {error}",
+                        m.topic.replace('\0', "\u{FFFD}")
+                    );
+                    outcome.counts.entry(m.broker_id).or_default().2 += 1;
+                    outcome.acks.extend(m.ack);
+                }
+                // Not acknowledged: the broker sends it again (after a reconnect).
+                Err(e) => {
+                    warning!("mqtt_pg could not store a received message, nor set it aside: {e}")
+                }
             }
         }
         if !batch.delivered.is_empty() {
-            let ids: Vec<i64> = batch.delivered.iter().map(|d| d.1).collect();
-            let pkids: Vec<Option<i32>> =
-                batch.delivered.iter().map(|d| d.2.map(i32::from)).collect();
-            let result = client.update(
-                &format!(
-                    "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
-                       USING unnest($1::int8[], $2::int4[]) AS u(id, pkid) \
-                       WHERE o.id OPERATOR(pg_catalog.=) u.id \
-                       RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, u.pkid) \
-                     INSERT INTO {schema}.mqtt_message_history \
-                       (broker_id, topic, payload, qos, retain, direction, message_id) \
-                     SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id \
-                     RETURNING broker_id"
-                ),
-                None,
-                &[ids.into(), pkids.into()],
-            );
-            // Count what left the outbox, not the events: a row reported twice is sent once.
-            match result {
-                Ok(rows) => {
-                    for r in rows {
-                        if let Ok(Some(b)) = r.get::<i32>(1) {
-                            counts.entry(b).or_default().1 += 1;
-                        }
-                    }
-                }
-                Err(e) => error!("mqtt_pg could not record delivered messages: {e}"),
-            }
+            move_delivered(client, schema, &batch.delivered, &mut outcome);
         }
         if !batch.rejected.is_empty() {
             let ids: Vec<i64> = batch.rejected.iter().map(|r| r.0).collect();
@@ -109,15 +102,152 @@ pub fn store(schema: &str, batch: &Batch) -> Vec<(i32, u64, u64)> {
                        RETURNING o.*, u.error) \
                      INSERT INTO {schema}.mqtt_dead_letter \
                        (broker_id, topic, payload, qos, retain, direction, error) \
-                     SELECT broker_id, topic, payload, qos, retain, 'send', error FROM d"
+                     SELECT broker_id, topic, payload, qos, retain, 'send', error FROM d \
+                     RETURNING broker_id"
                 ),
                 None,
                 &[ids.into(), reasons.into()],
             );
-            if let Err(e) = result {
-                error!("mqtt_pg could not move rejected messages to mqtt_dead_letter: {e}");
+            match result {
+                Ok(rows) => {
+                    for r in rows {
+                        if let Ok(Some(b)) = r.get::<i32>(1) {
+                            outcome.counts.entry(b).or_default().2 += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    error!("mqtt_pg could not move rejected messages to mqtt_dead_letter: {e}")
+                }
             }
         }
     });
-    counts.into_iter().map(|(b, (r, s))| (b, r, s)).collect()
+    outcome
+}
+
+fn insert_received(client: &mut SpiClient<'_>, schema: &str, received: &[&InMessage]) {
+    let broker: Vec<i32> = received.iter().map(|m| m.broker_id).collect();
+    let topic: Vec<&str> = received.iter().map(|m| m.topic.as_str()).collect();
+    let payload: Vec<&[u8]> = received.iter().map(|m| m.payload.as_ref()).collect();
+    let qos: Vec<i16> = received.iter().map(|m| m.qos as i16).collect();
+    let retain: Vec<bool> = received.iter().map(|m| m.retain).collect();
+    let pkid: Vec<Option<i32>> = received.iter().map(|m| m.pkid.map(i32::from)).collect();
+    let at: Vec<i64> = received.iter().map(|m| m.received_at_us).collect();
+    let result = client.update(
+        &format!(
+            "INSERT INTO {schema}.mqtt_message_history \
+             (broker_id, topic, payload, qos, retain, direction, message_id, \"timestamp\") \
+             SELECT b, t, p, q, r, 'receive', m, \
+                    'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
+                    (u::pg_catalog.float8 OPERATOR(pg_catalog.*) interval '1 microsecond') \
+             FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::int2[], $5::bool[], \
+                         $6::int4[], $7::int8[]) AS x(b, t, p, q, r, m, u)"
+        ),
+        None,
+        &[
+            broker.into(),
+            topic.into(),
+            payload.into(),
+            qos.into(),
+            retain.into(),
+            pkid.into(),
+            at.into(),
+        ],
+    );
+    if let Err(e) = result {
+        error!("mqtt_pg could not store received messages: {e}");
+    }
+}
+
+fn dead_letter_received(client: &mut SpiClient<'_>, schema: &str, m: &InMessage, error: &str) {
+    let result = client.update(
+        &format!(
+            "INSERT INTO {schema}.mqtt_dead_letter \
+             (broker_id, topic, payload, qos, retain, direction, error) \
+             VALUES ($1, $2, $3, $4, $5, 'receive', $6)"
+        ),
+        None,
+        &[
+            m.broker_id.into(),
+            m.topic.replace('\0', "\u{FFFD}").into(),
+            m.payload.as_ref().into(),
+            (m.qos as i16).into(),
+            m.retain.into(),
+            error.into(),
+        ],
+    );
+    if let Err(e) = result {
+        error!("mqtt_pg could not write mqtt_dead_letter: {e}");
+    }
+}
+
+/// Move delivered rows from the outbox to history. Should history refuse them, the rows still
+/// leave the outbox (they were delivered: sending them again would duplicate them), and a
+/// WARNING says which.
+fn move_delivered(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    delivered: &[(i32, i64, Option<u16>)],
+    outcome: &mut Outcome,
+) {
+    let moved = subxact::run(|| move_to_history(client, schema, delivered));
+    let brokers = match moved {
+        Ok(brokers) => brokers,
+        Err(e) => {
+            let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
+            warning!(
+                "mqtt_pg could not record {} delivered messages in mqtt_message_history ({e}); \
+                 they were delivered and leave mqtt_outbox without a history row",
+                ids.len()
+            );
+            let result = client.update(
+                &format!(
+                    "DELETE FROM {schema}.mqtt_outbox \
+                     WHERE id OPERATOR(pg_catalog.=) ANY ($1) RETURNING broker_id"
+                ),
+                None,
+                &[ids.into()],
+            );
+            match result {
+                Ok(rows) => rows
+                    .filter_map(|r| r.get::<i32>(1).ok().flatten())
+                    .collect(),
+                Err(e) => {
+                    error!("mqtt_pg could not remove delivered messages from mqtt_outbox: {e}")
+                }
+            }
+        }
+    };
+    for b in brokers {
+        outcome.counts.entry(b).or_default().1 += 1;
+    }
+}
+
+fn move_to_history(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    delivered: &[(i32, i64, Option<u16>)],
+) -> Vec<i32> {
+    let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
+    let pkids: Vec<Option<i32>> = delivered.iter().map(|d| d.2.map(i32::from)).collect();
+    let result = client.update(
+        &format!(
+            "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
+               USING unnest($1::int8[], $2::int4[]) AS u(id, pkid) \
+               WHERE o.id OPERATOR(pg_catalog.=) u.id \
+               RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, u.pkid) \
+             INSERT INTO {schema}.mqtt_message_history \
+               (broker_id, topic, payload, qos, retain, direction, message_id) \
+             SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id \
+             RETURNING broker_id"
+        ),
+        None,
+        &[ids.into(), pkids.into()],
+    );
+    match result {
+        Ok(rows) => rows
+            .filter_map(|r| r.get::<i32>(1).ok().flatten())
+            .collect(),
+        Err(e) => error!("mqtt_pg could not record delivered messages: {e}"),
+    }
 }

@@ -6,7 +6,16 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from harness import HOST, mosquitto_pub, mqtt_sub, unique, wait_history, wait_ingesting, wait_status
+from harness import (
+    HOST,
+    mosquitto_pub,
+    mqtt_sub,
+    unique,
+    wait_for,
+    wait_history,
+    wait_ingesting,
+    wait_status,
+)
 
 
 @pytest.fixture
@@ -54,6 +63,15 @@ def test_database_owner_uses_everything(pg, mosq, odoo_db):
         assert c.execute("DELETE FROM mqtt_message_history WHERE topic = %s", (f"{t}/in/x",)).rowcount == 1
         assert c.execute("SELECT mqtt_status('b')->>'client_id'").fetchone()[0] == client_id
         assert c.execute("SELECT mqtt_unsubscribe(%s, 'b')", (f"{t}/in/#",)).fetchone()[0] is True
+        # dead letters: requeue one (an outgoing row set aside earlier) and see it leave again
+        c.execute("UPDATE mqtt_broker SET max_packet_size = 100 WHERE name = 'b'")
+        with mqtt_sub(mosq.port, f"{t}/out", qos=1) as sub:
+            c.execute("SELECT mqtt_publish(%s, repeat('z', 200), 1, false, 'b')", (f"{t}/out",))
+            wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 1,
+                     message="the oversized row dead-lettered")
+            c.execute("UPDATE mqtt_broker SET max_packet_size = NULL WHERE name = 'b'")
+            assert c.execute("SELECT mqtt_requeue_dead_letters('b')").fetchone()[0] == 1
+            assert sub.wait_count(1)[0][1] == b"z" * 200
         assert c.execute("SELECT mqtt_stop_listener('b')").fetchone()[0] is True
         # internal functions are not for it
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -69,7 +87,9 @@ def test_other_roles_get_nothing_by_default(pg, odoo_db):
         with connect_as(pg, db, other) as c:
             for query in ("SELECT password FROM mqtt_broker",
                           "SELECT * FROM mqtt_message_history",
-                          "SELECT mqtt_publish('a/b', 'x')"):
+                          "SELECT mqtt_publish('a/b', 'x')",
+                          "SELECT mqtt_requeue_dead_letter(1)",
+                          "SELECT mqtt_requeue_dead_letters()"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     c.execute(query)
             # The configuration trigger's function runs as the extension's owner: nobody else

@@ -6,12 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet,
-    QoS, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, Event as MqttEvent, EventLoop, MqttOptions, MqttState,
+    Outgoing, Packet, Publish, QoS, SubscribeReasonCode,
 };
 use tokio::sync::mpsc;
 
-use super::{BrokerConfig, Command, Event, InMessage, OutMessage, Tagged, Waker, DISCONNECT_GRACE};
+use super::{
+    held_bytes, Ack, BrokerConfig, Buffered, Command, Event, InMessage, OutMessage, Tagged, Waker,
+    DISCONNECT_GRACE, MQTT_MAX_PACKET,
+};
 use crate::backoff::Backoff;
 
 fn qos_from(q: u8) -> QoS {
@@ -41,6 +44,11 @@ struct Book {
     sub_pending: BTreeMap<String, u8>,
     /// Outbox rows accepted from the worker but not yet handed to rumqttc.
     queue: VecDeque<OutMessage>,
+    /// Acknowledgements of stored messages (QoS, packet id) not yet handed to rumqttc. They go
+    /// before anything else: each frees a slot of the broker's in-flight window.
+    acks: VecDeque<(u8, u16)>,
+    /// Generation of this task (see `Tagged`), stamped on every [`Ack`] it hands out.
+    generation: u64,
     /// Outbox ids handed to rumqttc, waiting for their `Outgoing::Publish(pkid)`, in order.
     awaiting_pkid: VecDeque<(i64, u8)>,
     /// QoS 1 publishes waiting for PUBACK, and QoS 2 publishes waiting for PUBREC.
@@ -68,7 +76,7 @@ impl Book {
         if !self.connected {
             return;
         }
-        if !self.flush_subscriptions(client) {
+        if !self.flush_acks(client) || !self.flush_subscriptions(client) {
             return;
         }
         while let Some(m) = self.queue.pop_front() {
@@ -104,6 +112,24 @@ impl Book {
                 }
             }
         }
+    }
+
+    /// Hand pending acknowledgements to rumqttc; false while its channel is full.
+    fn flush_acks(&mut self, client: &AsyncClient) -> bool {
+        while let Some(&(qos, pkid)) = self.acks.front() {
+            let mut p = Publish::new("", qos_from(qos), Vec::new());
+            p.pkid = pkid;
+            if client.try_ack(&p).is_err() {
+                return false;
+            }
+            self.acks.pop_front();
+        }
+        true
+    }
+
+    /// Oldest outbox row written to the connection and still waiting for its PUBACK/PUBREC.
+    fn oldest_unacknowledged(&self) -> Option<i64> {
+        self.awaiting_ack.values().map(|(id, _)| *id).min()
     }
 
     /// Send pending unsubscribes and subscribes; false while the channel is full.
@@ -181,6 +207,13 @@ impl Book {
                     retain: p.retain,
                     pkid: (qos > 0).then_some(p.pkid),
                     received_at_us: now_us(),
+                    ack: (qos > 0).then_some(Ack {
+                        broker_id: id,
+                        generation: self.generation,
+                        epoch: self.epoch,
+                        qos,
+                        pkid: p.pkid,
+                    }),
                 }));
             }
             MqttEvent::Outgoing(Outgoing::Publish(pkid)) => {
@@ -269,7 +302,9 @@ impl Book {
     fn connection_lost(&mut self, eventloop: &mut EventLoop) {
         eventloop.clean();
         eventloop.pending.clear();
+        answer_any_pubrel(&mut eventloop.state);
         self.queue.clear();
+        self.acks.clear();
         self.awaiting_pkid.clear();
         self.awaiting_ack.clear();
         self.awaiting_comp.clear();
@@ -282,6 +317,24 @@ impl Book {
         // from taking any request on the next one.
         eventloop.state.collision = None;
     }
+}
+
+/// Make rumqttc answer a PUBREL for any packet id with PUBCOMP, as MQTT requires (3.1.1, 4.3.3).
+///
+/// rumqttc 0.25 forgets the QoS 2 messages it acknowledged with PUBREC whenever a connection
+/// ends (and a new process never knew them), then treats the PUBREL a broker resends on a
+/// resumed session as an "unsolicited" protocol error and drops the connection, for ever
+/// (rumqtt #664). It only accepts PUBREL for ids it has marked; marking every id, through its
+/// public packet handler, restores the standard behaviour. With manual acks the handler
+/// sends nothing for these stand-in messages, and the events it queues are taken back here.
+fn answer_any_pubrel(state: &mut MqttState) {
+    let events = state.events.len();
+    for pkid in 1..=u16::MAX {
+        let mut p = Publish::new("", QoS::ExactlyOnce, Vec::new());
+        p.pkid = pkid;
+        let _ = state.handle_incoming_packet(Packet::Publish(p));
+    }
+    state.events.truncate(events);
 }
 
 fn delivered(out: &mut Vec<Event>, broker_id: i32, outbox_id: i64, pkid: u16) {
@@ -303,6 +356,7 @@ pub(super) struct Emitter {
     pub(super) generation: u64,
     pub(super) events: mpsc::Sender<Tagged>,
     pub(super) waker: Waker,
+    pub(super) buffered: Arc<Buffered>,
 }
 
 impl Emitter {
@@ -311,6 +365,9 @@ impl Emitter {
     /// behind. False once the engine is gone.
     async fn emit_all(&self, batch: &mut Vec<Event>) -> bool {
         for ev in batch.drain(..) {
+            if let Event::Received(m) = &ev {
+                self.buffered.add(held_bytes(m));
+            }
             if self.events.send((self.generation, ev)).await.is_err() {
                 return false;
             }
@@ -336,7 +393,12 @@ pub(super) async fn run_broker(
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    let book = Arc::new(Mutex::new(Book::default()));
+    // The broker may resend a PUBREL from before this process existed.
+    answer_any_pubrel(&mut eventloop.state);
+    let book = Arc::new(Mutex::new(Book {
+        generation: emitter.generation,
+        ..Book::default()
+    }));
     let stop = Arc::new(tokio::sync::Notify::new());
 
     // Command task.
@@ -358,6 +420,20 @@ pub(super) async fn run_broker(
                         b.flush_queue(&cmd_client, &cmd_config, &mut out);
                     }
                 }
+                Some(Command::Ack(acks)) => {
+                    let mut b = lock(&cmd_book);
+                    // Acknowledgements are owed on the connection that delivered the
+                    // messages; a later one gets those messages again instead.
+                    let epoch = b.epoch;
+                    if b.connected {
+                        b.acks.extend(
+                            acks.iter()
+                                .filter(|a| a.epoch == epoch)
+                                .map(|a| (a.qos, a.pkid)),
+                        );
+                        b.flush_queue(&cmd_client, &cmd_config, &mut out);
+                    }
+                }
                 Some(Command::Subscriptions(subs)) => {
                     lock(&cmd_book).apply_subscriptions(&cmd_client, subs);
                 }
@@ -376,6 +452,11 @@ pub(super) async fn run_broker(
     let mut out = vec![Event::Connecting { broker_id: id }];
     emitter.emit_all(&mut out).await;
     loop {
+        // While the worker holds too many received messages, read nothing more.
+        tokio::select! {
+            _ = stop.notified() => break,
+            _ = emitter.buffered.wait_for_room() => {}
+        }
         let polled = tokio::select! {
             _ = stop.notified() => break,
             polled = eventloop.poll() => polled,
@@ -395,11 +476,13 @@ pub(super) async fn run_broker(
                 }
             }
             Err(e) => {
-                {
+                let suspect = {
                     let mut b = lock(&book);
                     b.take_buffered(&client, id, &mut eventloop, &mut out);
+                    let suspect = b.oldest_unacknowledged();
                     b.connection_lost(&mut eventloop);
-                }
+                    suspect
+                };
                 if connected_at
                     .take()
                     .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
@@ -409,6 +492,7 @@ pub(super) async fn run_broker(
                 out.push(Event::ConnectionLost {
                     broker_id: id,
                     error: describe_error(&e, &config),
+                    suspect,
                 });
                 emitter.emit_all(&mut out).await;
                 // rumqttc reconnects on the very next poll: wait out a growing, jittered delay
@@ -456,7 +540,12 @@ fn options(c: &BrokerConfig) -> MqttOptions {
     let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
     o.set_keep_alive(c.keepalive.max(Duration::from_secs(5)));
     o.set_clean_session(c.clean_session);
-    o.set_max_packet_size(c.max_packet_size, c.max_packet_size);
+    // Acknowledge only what the database has stored (see `Engine::ack`).
+    o.set_manual_acks(true);
+    // Incoming is never limited below what MQTT allows: a message refused here would come back
+    // on every reconnect of a persistent session. Outgoing rows over the broker's limit are
+    // set aside before they reach the connection (see `flush_queue`).
+    o.set_max_packet_size(MQTT_MAX_PACKET, c.max_packet_size);
     o.set_inflight(c.max_inflight.max(1));
     if let Some(user) = &c.username {
         o.set_credentials(user.clone(), c.password.clone().unwrap_or_default());

@@ -27,6 +27,10 @@ use connection::{run_broker, Emitter};
 /// Largest packet MQTT can carry (the remaining-length field tops out at 256 MiB - 1).
 pub const MQTT_MAX_PACKET: usize = 268_435_455;
 
+/// Received payload bytes the engine holds for the worker before broker tasks stop reading from
+/// their sockets (see [`Engine::start_with_limit`]).
+pub const DEFAULT_BUFFER_BYTES: usize = 64 << 20;
+
 /// How long a broker task waits for the request channel before it gives up on a clean
 /// DISCONNECT at shutdown.
 pub(super) const DISCONNECT_GRACE: Duration = Duration::from_millis(200);
@@ -73,6 +77,21 @@ pub struct InMessage {
     pub pkid: Option<u16>,
     /// When the engine read it, in microseconds since the Unix epoch.
     pub received_at_us: i64,
+    /// What to hand back to [`Engine::ack`] once the message is stored; `None` for QoS 0.
+    pub ack: Option<Ack>,
+}
+
+/// The acknowledgement a QoS 1/2 message is owed. The broker gets it only when the worker
+/// passes it to [`Engine::ack`] after the transaction that stored the message has committed,
+/// and only on the connection that delivered the message: after a reconnect the broker sends
+/// the message again instead (at-least-once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub broker_id: i32,
+    generation: u64,
+    epoch: u64,
+    qos: u8,
+    pkid: u16,
 }
 
 /// What the engine reports back to the worker.
@@ -94,6 +113,11 @@ pub enum Event {
     ConnectionLost {
         broker_id: i32,
         error: String,
+        /// The oldest outbox row written to this connection and not acknowledged when it
+        /// ended. A broker that closes the connection on a message it will never take (one
+        /// over its packet limit) leaves that message here every time; the worker dead-letters
+        /// a row that is named here again and again.
+        suspect: Option<i64>,
     },
     /// A non-fatal problem worth showing in the status (a refused subscription, a message that
     /// could not be sent).
@@ -142,6 +166,8 @@ impl Event {
 pub(super) enum Command {
     /// Rows for the connection with this epoch.
     Publish(u64, Vec<OutMessage>),
+    /// Acknowledgements of stored messages.
+    Ack(Vec<Ack>),
     Subscriptions(BTreeMap<String, u8>),
     Stop,
 }
@@ -164,6 +190,42 @@ pub(super) struct Waker {
     wake: Arc<dyn Fn() + Send + Sync>,
 }
 
+/// Received payload bytes emitted and not yet drained by the worker, shared by every broker
+/// task of an engine. Over the limit, tasks stop polling their sockets until the worker catches
+/// up: TCP then holds the broker back, and for QoS 1/2 the broker's in-flight window (it gets
+/// no acknowledgements) does too, so memory stays flat however long the database stalls.
+pub(super) struct Buffered {
+    bytes: AtomicUsize,
+    limit: usize,
+    room: tokio::sync::Notify,
+}
+
+impl Buffered {
+    pub(super) fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn remove(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if before >= self.limit && before - n < self.limit {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Wait until there is room for more received messages.
+    pub(super) async fn wait_for_room(&self) {
+        while self.bytes.load(Ordering::Acquire) >= self.limit {
+            // The timeout covers a notification that fires between the check and the wait.
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.room.notified()).await;
+        }
+    }
+}
+
+/// Bytes a received message holds while it waits for the worker.
+pub(super) fn held_bytes(m: &InMessage) -> usize {
+    m.payload.len() + m.topic.len() + 64
+}
+
 impl Waker {
     pub(super) fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
@@ -182,6 +244,7 @@ pub struct Engine {
     generations: HashMap<i32, u64>,
     next_generation: u64,
     waker: Waker,
+    buffered: Arc<Buffered>,
     /// Broker tasks still running (stopped ones included until they have said `Stopped`).
     tasks: Arc<AtomicUsize>,
 }
@@ -212,6 +275,17 @@ impl Engine {
         event_capacity: usize,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Engine> {
+        Self::start_with_limit(worker_threads, event_capacity, DEFAULT_BUFFER_BYTES, wake)
+    }
+
+    /// [`Engine::start`] with a bound on the received payload bytes waiting for the worker
+    /// (see [`Buffered`]); one message always passes, however large.
+    pub fn start_with_limit(
+        worker_threads: usize,
+        event_capacity: usize,
+        buffer_bytes: usize,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Engine> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(worker_threads.max(1))
             .thread_name("mqtt_pg-engine")
@@ -229,6 +303,11 @@ impl Engine {
                 pending: Arc::new(AtomicBool::new(false)),
                 wake,
             },
+            buffered: Arc::new(Buffered {
+                bytes: AtomicUsize::new(0),
+                limit: buffer_bytes.max(1),
+                room: tokio::sync::Notify::new(),
+            }),
             tasks: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -264,6 +343,7 @@ impl Engine {
                     generation: self.next_generation,
                     events: self.events_tx.clone(),
                     waker: self.waker.clone(),
+                    buffered: self.buffered.clone(),
                 },
             );
             self.runtime.spawn(async move {
@@ -323,6 +403,22 @@ impl Engine {
         }
     }
 
+    /// Acknowledge stored messages to their brokers. Acknowledgements for a connection that has
+    /// since been replaced or lost are dropped: the broker sends those messages again.
+    pub fn ack(&self, acks: Vec<Ack>) {
+        let mut by_broker: HashMap<i32, Vec<Ack>> = HashMap::new();
+        for a in acks {
+            if self.generations.get(&a.broker_id) == Some(&a.generation) {
+                by_broker.entry(a.broker_id).or_default().push(a);
+            }
+        }
+        for (id, acks) in by_broker {
+            if let Some(h) = self.brokers.get(&id) {
+                let _ = h.commands.send(Command::Ack(acks));
+            }
+        }
+    }
+
     /// Move up to `max` waiting events, and received payloads of about `max_bytes` in all, into
     /// `out`. Never blocks.
     pub fn drain_events(&mut self, out: &mut Vec<Event>, max: usize) {
@@ -349,6 +445,7 @@ impl Engine {
                     );
                     if let Event::Received(m) = &ev {
                         bytes = bytes.saturating_add(m.payload.len());
+                        self.buffered.remove(held_bytes(m));
                     }
                     if current || !status_only {
                         out.push(ev);
