@@ -94,6 +94,9 @@ struct Worker {
     schema: String,
     engine: Engine,
     brokers: HashMap<i32, BrokerRuntime>,
+    /// A connection task failed: re-apply the configuration at the next turn, which starts a
+    /// new one.
+    restart_failed: bool,
 }
 
 #[pg_guard]
@@ -141,6 +144,7 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         schema,
         engine,
         brokers: HashMap::new(),
+        restart_failed: false,
     };
     let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
@@ -305,7 +309,8 @@ impl Worker {
             if tick {
                 last_poll = Some(Instant::now());
             }
-            if (tick || flags & WAKE_CONFIG != 0) && !self.reload_config() {
+            let restart = std::mem::take(&mut self.restart_failed);
+            if (tick || restart || flags & WAKE_CONFIG != 0) && !self.reload_config() {
                 // Hand back the wake-up we took: it may be the CREATE EXTENSION that replaced
                 // ours (DROP and CREATE in one transaction), which wants a fresh worker.
                 if let Some(slot) = SHARED.exclusive().db_mut(self.dboid) {
@@ -466,6 +471,20 @@ impl Worker {
                         s.since_us = now;
                         s.set_error(&error, now);
                     });
+                }
+                Event::Failed { broker_id, error } => {
+                    warning!("mqtt_pg broker {broker_id}: {error}");
+                    if let Some(b) = self.brokers.get_mut(&broker_id) {
+                        b.connected = false;
+                        b.in_flight.clear();
+                        b.subs.clear(); // the new task knows none yet
+                    }
+                    self.with_status(broker_id, |s| {
+                        s.state = LinkState::Disconnected;
+                        s.since_us = now;
+                        s.set_error(&error, now);
+                    });
+                    self.restart_failed = true;
                 }
                 Event::Warning { broker_id, error } => {
                     self.with_status(broker_id, |s| s.set_error(&error, now))

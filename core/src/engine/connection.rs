@@ -1,13 +1,15 @@
 //! One broker connection: rumqttc's event loop, driven by two tokio tasks that share the
 //! delivery bookkeeping (see [`run_broker`]).
 
+use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event as MqttEvent, EventLoop, MqttOptions, MqttState,
-    Outgoing, Packet, Publish, QoS, SubscribeReasonCode,
+    Outgoing, Packet, PubRel, Publish, QoS, Request, SubscribeReasonCode,
 };
 use tokio::sync::mpsc;
 
@@ -301,7 +303,8 @@ impl Book {
     /// the FIFO of packet ids does not know about.
     fn connection_lost(&mut self, eventloop: &mut EventLoop) {
         eventloop.clean();
-        eventloop.pending.clear();
+        let pending = std::mem::take(&mut eventloop.pending);
+        eventloop.pending = releases(pending);
         answer_any_pubrel(&mut eventloop.state);
         self.queue.clear();
         self.acks.clear();
@@ -317,6 +320,29 @@ impl Book {
         // from taking any request on the next one.
         eventloop.state.collision = None;
     }
+}
+
+/// What to send again on a resumed session: a PUBREL for every QoS 2 packet id the lost
+/// connection left open, and nothing else (the rows themselves are resent from the outbox).
+///
+/// A broker that got a QoS 2 PUBLISH keeps its packet id "awaiting PUBREL" in the session. Left
+/// so, it would take the next PUBLISH that reuses the id (rumqttc cycles through 1..=inflight)
+/// for a duplicate and drop it while acknowledging it: a lost message counted as delivered.
+/// Releasing the id closes that flow (delivering the old message, which the outbox resends
+/// too: at-least-once); a broker that never had it answers PUBCOMP all the same (MQTT 3.1.1,
+/// 4.3.3). rumqttc sends `pending` first on a resumed session and drops it on a new one.
+fn releases(pending: VecDeque<Request>) -> VecDeque<Request> {
+    let mut seen = BTreeSet::new();
+    pending
+        .into_iter()
+        .filter_map(|r| match r {
+            Request::PubRel(p) => Some(p.pkid),
+            Request::Publish(p) if p.qos == QoS::ExactlyOnce && p.pkid != 0 => Some(p.pkid),
+            _ => None,
+        })
+        .filter(|pkid| seen.insert(*pkid))
+        .map(|pkid| Request::PubRel(PubRel::new(pkid)))
+        .collect()
 }
 
 /// Make rumqttc answer a PUBREL for any packet id with PUBCOMP, as MQTT requires (3.1.1, 4.3.3).
@@ -395,13 +421,22 @@ pub(super) async fn run_broker(
     eventloop.set_network_options(net);
     // The broker may resend a PUBREL from before this process existed.
     answer_any_pubrel(&mut eventloop.state);
+    // And it may hold QoS 2 packet ids of an earlier process "awaiting PUBREL" (see
+    // `releases`): release every id this connection can use. Dropped if the session is new.
+    eventloop.pending = (1..=config.max_inflight.max(1))
+        .map(|pkid| Request::PubRel(PubRel::new(pkid)))
+        .collect();
     let book = Arc::new(Mutex::new(Book {
         generation: emitter.generation,
         ..Book::default()
     }));
     let stop = Arc::new(tokio::sync::Notify::new());
 
-    // Command task.
+    // Command task. A panic in it is caught and handed to the poll task, which re-raises it so
+    // the engine's supervisor sees the whole connection fail (and restarts it) rather than a
+    // connection that silently stops taking commands.
+    let failure: Arc<Mutex<Option<Box<dyn Any + Send>>>> = Arc::default();
+    let cmd_failure = failure.clone();
     let cmd_book = book.clone();
     let cmd_client = client.clone();
     let cmd_stop = stop.clone();
@@ -410,34 +445,21 @@ pub(super) async fn run_broker(
     tokio::spawn(async move {
         let mut out = Vec::new();
         loop {
-            match commands.recv().await {
-                Some(Command::Publish(epoch, msgs)) => {
-                    let mut b = lock(&cmd_book);
-                    // Rows meant for a connection that has since gone are dropped: the worker
-                    // resends them once it hears of the current one.
-                    if b.connected && b.epoch == epoch {
-                        b.queue.extend(msgs);
-                        b.flush_queue(&cmd_client, &cmd_config, &mut out);
-                    }
+            let Some(command) = commands.recv().await else {
+                cmd_stop.notify_one();
+                return;
+            };
+            let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                handle_command(command, &cmd_book, &cmd_client, &cmd_config, &mut out)
+            }));
+            match handled {
+                Ok(true) => {}
+                Ok(false) => {
+                    cmd_stop.notify_one();
+                    return;
                 }
-                Some(Command::Ack(acks)) => {
-                    let mut b = lock(&cmd_book);
-                    // Acknowledgements are owed on the connection that delivered the
-                    // messages; a later one gets those messages again instead.
-                    let epoch = b.epoch;
-                    if b.connected {
-                        b.acks.extend(
-                            acks.iter()
-                                .filter(|a| a.epoch == epoch)
-                                .map(|a| (a.qos, a.pkid)),
-                        );
-                        b.flush_queue(&cmd_client, &cmd_config, &mut out);
-                    }
-                }
-                Some(Command::Subscriptions(subs)) => {
-                    lock(&cmd_book).apply_subscriptions(&cmd_client, subs);
-                }
-                Some(Command::Stop) | None => {
+                Err(panic) => {
+                    *cmd_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(panic);
                     cmd_stop.notify_one();
                     return;
                 }
@@ -506,6 +528,9 @@ pub(super) async fn run_broker(
             }
         }
     }
+    if let Some(panic) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        std::panic::resume_unwind(panic);
+    }
     // Stopping: say goodbye politely if connected, but never wait long for it. Whatever
     // arrives meanwhile, or was read and not yet handed out, still counts.
     lock(&book).take_buffered(&client, id, &mut eventloop, &mut out);
@@ -528,6 +553,45 @@ pub(super) async fn run_broker(
     lock(&book).take_buffered(&client, id, &mut eventloop, &mut out);
     out.push(Event::Stopped { broker_id: id });
     emitter.emit_all(&mut out).await;
+}
+
+/// Apply one command of the worker; false for Stop.
+fn handle_command(
+    command: Command,
+    book: &Mutex<Book>,
+    client: &AsyncClient,
+    config: &BrokerConfig,
+    out: &mut Vec<Event>,
+) -> bool {
+    match command {
+        Command::Publish(epoch, msgs) => {
+            let mut b = lock(book);
+            // Rows meant for a connection that has since gone are dropped: the worker resends
+            // them once it hears of the current one.
+            if b.connected && b.epoch == epoch {
+                b.queue.extend(msgs);
+                b.flush_queue(client, config, out);
+            }
+        }
+        Command::Ack(acks) => {
+            let mut b = lock(book);
+            // Acknowledgements are owed on the connection that delivered the messages; a later
+            // one gets those messages again instead.
+            let epoch = b.epoch;
+            if b.connected {
+                b.acks.extend(
+                    acks.iter()
+                        .filter(|a| a.epoch == epoch)
+                        .map(|a| (a.qos, a.pkid)),
+                );
+                b.flush_queue(client, config, out);
+            }
+        }
+        Command::Subscriptions(subs) => lock(book).apply_subscriptions(client, subs),
+        Command::Panic => panic!("injected by a test"),
+        Command::Stop => return false,
+    }
+    true
 }
 
 fn lock(book: &Mutex<Book>) -> std::sync::MutexGuard<'_, Book> {

@@ -129,6 +129,13 @@ pub enum Event {
     Stopped {
         broker_id: i32,
     },
+    /// The broker task ended with a panic (a bug, in rumqttc or here). Nothing crossed into the
+    /// worker; the engine has forgotten the task, so the next [`Engine::set_brokers`] starts a
+    /// fresh one. Everything it had in flight is to be resent from the outbox.
+    Failed {
+        broker_id: i32,
+        error: String,
+    },
     /// An outbox row left: QoS 0 once written to the connection, QoS 1 after PUBACK, QoS 2
     /// after PUBCOMP. `pkid` is `None` for QoS 0.
     Delivered {
@@ -155,6 +162,7 @@ impl Event {
             | Event::ConnectionLost { broker_id, .. }
             | Event::Warning { broker_id, .. }
             | Event::Stopped { broker_id }
+            | Event::Failed { broker_id, .. }
             | Event::Delivered { broker_id, .. }
             | Event::Rejected { broker_id, .. } => *broker_id,
             Event::Received(m) => m.broker_id,
@@ -170,6 +178,8 @@ pub(super) enum Command {
     Ack(Vec<Ack>),
     Subscriptions(BTreeMap<String, u8>),
     Stop,
+    /// Tests only: make the task panic, to exercise the supervision.
+    Panic,
 }
 
 /// An event with the generation of the task that sent it. After a configuration change a task
@@ -346,8 +356,23 @@ impl Engine {
                     buffered: self.buffered.clone(),
                 },
             );
+            // Supervise the task: a panic must not leave the broker silently unserved.
+            let task = self.runtime.spawn(task);
+            let report = self.events_tx.clone();
+            let waker = self.waker.clone();
+            let generation = self.next_generation;
             self.runtime.spawn(async move {
-                task.await;
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        let error = panic_message(e.into_panic());
+                        let failed = Event::Failed {
+                            broker_id: id,
+                            error,
+                        };
+                        let _ = report.send((generation, failed)).await;
+                        waker.wake();
+                    }
+                }
                 drop(guard);
             });
             self.brokers.insert(
@@ -366,6 +391,14 @@ impl Engine {
         if let Some(handle) = self.brokers.remove(&id) {
             // The task may already be gone; nothing to do then.
             let _ = handle.commands.send(Command::Stop);
+        }
+    }
+
+    /// Tests only: make the broker's task panic (see [`Event::Failed`]).
+    #[doc(hidden)]
+    pub fn inject_panic(&self, broker_id: i32) {
+        if let Some(h) = self.brokers.get(&broker_id) {
+            let _ = h.commands.send(Command::Panic);
         }
     }
 
@@ -447,6 +480,18 @@ impl Engine {
                         bytes = bytes.saturating_add(m.payload.len());
                         self.buffered.remove(held_bytes(m));
                     }
+                    let ev = match ev {
+                        // The failed task is the current one: forget it, so that the next
+                        // set_brokers starts a new one. A replaced task that failed has simply
+                        // stopped.
+                        Event::Failed { broker_id, .. } if current => {
+                            self.brokers.remove(&broker_id);
+                            self.generations.remove(&broker_id);
+                            ev
+                        }
+                        Event::Failed { broker_id, .. } => Event::Stopped { broker_id },
+                        ev => ev,
+                    };
                     if current || !status_only {
                         out.push(ev);
                     }
@@ -482,4 +527,13 @@ impl Engine {
         });
         self.runtime.shutdown_timeout(timeout);
     }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the connection task failed ({what}); it is being restarted")
 }
