@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import signal
 import socket
@@ -256,6 +257,14 @@ class PgCluster:
         except OSError:
             return ""
 
+    def wait_ready(self, dbname: str = "postgres", timeout: float = 60) -> None:
+        """Wait until the cluster accepts connections again (after a crash restart)."""
+        def ok():
+            with self.connect(dbname) as c:
+                return c.execute("SELECT 1").fetchone()[0] == 1
+
+        wait_for(ok, timeout=timeout, interval=0.2, message=f"PostgreSQL on {self.port} to accept connections")
+
     # -- worker helpers (for crash/recovery tests) --------------------------------------------
     def worker_pids(self, dbname: str | None = None) -> list[int]:
         """PIDs of mqtt_pg background processes (backend_type 'mqtt_pg ...'): all of them, or
@@ -290,8 +299,12 @@ class Mosquitto:
     """
 
     def __init__(self, port: int | None = None, extra_conf: str = "", workdir: str | Path | None = None,
-                 detach: bool = False):
+                 detach: bool = False, persistence: bool = False):
         self._tmp = workdir is None
+        # persistence=True: sessions (subscriptions, queued and in-flight QoS 1/2 messages) are
+        # saved in the workdir when the broker stops (SIGTERM) and restored when it starts again,
+        # so a restart on the same port keeps every persistent client's session.
+        self.persistence = persistence
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mqtt_pg_e2e_mosq_"))
         self.port = port or free_port()
         self.extra_conf = extra_conf
@@ -308,7 +321,8 @@ class Mosquitto:
         self.conffile.write_text("\n".join([
             f"listener {self.port} {HOST}",
             "allow_anonymous true",
-            "persistence false",
+            *(["persistence true", f"persistence_location {self.workdir}/", "persistence_file mosquitto.db",
+               "autosave_interval 0"] if self.persistence else ["persistence false"]),
             "max_inflight_messages 0",
             "max_queued_messages 0",
             "user root",
@@ -405,6 +419,11 @@ class Mosquitto:
                    if f"Client {client_id} " in line
                    and ("disconnected" in line or "closed its connection" in line))
 
+    def takeovers(self) -> list[str]:
+        """Log lines of session takeovers: a client connecting with an id already connected
+        makes mosquitto close the older connection."""
+        return [line for line in self.log_text().splitlines() if "already connected, closing old connection" in line]
+
 
 # --------------------------------------------------------------------------------------------
 # MQTT clients
@@ -419,7 +438,7 @@ class MqttSub:
     """
 
     def __init__(self, port: int, host: str = HOST, client_id: str | None = None,
-                 protocol: int = mqtt.MQTTv311):
+                 protocol: int = mqtt.MQTTv311, clean_session: bool | None = None):
         self.port = port
         self.host = host
         self.messages: list[tuple[str, bytes, int, bool]] = []
@@ -429,7 +448,8 @@ class MqttSub:
         self._connected = threading.Event()
         self._subacks: dict[int, Any] = {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or unique("sub"), protocol=protocol)
+                                  client_id=client_id or unique("sub"), protocol=protocol,
+                                  clean_session=clean_session)
         self.client.max_inflight_messages_set(0)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -627,3 +647,296 @@ def table_counts(conn: psycopg.Connection) -> dict[str, int]:
     """Row counts of the extension's tables: nothing may change when a call fails."""
     return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("mqtt_broker", "mqtt_topic", "mqtt_outbox")}
+
+
+# --------------------------------------------------------------------------------------------
+# fault injection (tests/e2e/test_faults.py): numbered payloads, clients that survive broker
+# restarts, a TCP stand-in for a broken broker, process memory
+
+
+SEQ_RE = re.compile(rb"n=(\d+)")
+
+
+def seq_payload(n: int, pad: int = 0) -> str:
+    """A payload carrying sequence number n ('n=000042'), optionally padded with 'x' to `pad` bytes."""
+    p = f"n={n:06d}"
+    return p + " " + "x" * (pad - len(p) - 1) if pad > len(p) + 1 else p
+
+
+def seq_of(payload: bytes | str) -> int:
+    """The sequence number in a payload made by seq_payload (or 'n=123' from SQL)."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    m = SEQ_RE.search(payload)
+    if not m:
+        raise ValueError(f"no sequence number in {payload[:40]!r}")
+    return int(m.group(1))
+
+
+class SeqReport:
+    """What arrived of the numbered messages `expected`, in arrival order: missing and unexpected
+    numbers, duplicates (number -> extra copies), and whether first arrivals were in order."""
+
+    def __init__(self, seqs: list[int], expected: range | list[int]):
+        self.expected = list(expected)
+        exp = set(self.expected)
+        self.received = len(seqs)
+        seen: set[int] = set()
+        first: list[int] = []
+        self.duplicates: dict[int, int] = {}
+        for n in seqs:
+            if n in seen:
+                self.duplicates[n] = self.duplicates.get(n, 0) + 1
+            else:
+                seen.add(n)
+                first.append(n)
+        self.first_seen = first
+        self.distinct = len(seen)
+        self.missing = sorted(exp - seen)
+        self.unexpected = sorted(seen - exp)
+        self.out_of_order = [(a, b) for a, b in zip(first, first[1:]) if b < a]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.unexpected
+
+    @property
+    def dup_count(self) -> int:
+        return sum(self.duplicates.values())
+
+    def __str__(self) -> str:
+        def few(xs):
+            return f"{xs[:10]}{'...' if len(xs) > 10 else ''}"
+        return (f"expected {len(self.expected)}, received {self.received} ({self.distinct} distinct), "
+                f"missing {len(self.missing)} {few(self.missing)}, unexpected {len(self.unexpected)}, "
+                f"duplicates {self.dup_count} of {len(self.duplicates)} ids {few(sorted(self.duplicates))}, "
+                f"out of order {len(self.out_of_order)} {few(self.out_of_order)}")
+
+
+class PersistentSub(MqttSub):
+    """A paho subscriber with a persistent session (clean_session=False, fixed client id) that
+    reconnects by itself when the broker goes away and comes back; it subscribes again only if
+    the broker did not keep its session. `dup_flags[i]` is the DUP flag of `messages[i]`
+    (set when the broker re-delivers a message it had in flight to this client)."""
+
+    def __init__(self, port: int, client_id: str | None = None, host: str = HOST):
+        super().__init__(port, host=host, client_id=client_id or unique("psub"), clean_session=False)
+        self.dup_flags: list[bool] = []
+        self.connects = 0
+        self.sessions_lost = 0
+        self._filters: dict[str, int] = {}
+        self._trigger: tuple[int, Callable[[], Any]] | None = None
+        self.client.reconnect_delay_set(1, 2)
+
+    def at_count(self, n: int, fn: Callable[[], Any]) -> None:
+        """Run fn() once, on paho's network thread, as soon as n messages have arrived (at once
+        if they already have): injects a fault at a precise point of a stream."""
+        with self._cond:
+            if len(self.messages) < n:
+                self._trigger = (n, fn)
+                return
+        fn()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            return
+        with self._cond:
+            self.connects += 1
+            resubscribe = self.connects > 1 and not flags.session_present and self._filters
+            if resubscribe:
+                self.sessions_lost += 1
+        if resubscribe:
+            client.subscribe([(f, q) for f, q in self._filters.items()])
+        self._connected.set()
+
+    def _on_message(self, client, userdata, msg):
+        now = time.monotonic()
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+            self.times.append(now)
+            self.dup_flags.append(bool(msg.dup))
+            self._cond.notify_all()
+            fire = self._trigger if self._trigger and len(self.messages) >= self._trigger[0] else None
+            if fire:
+                self._trigger = None
+        if fire:
+            fire[1]()
+
+    def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 10) -> "PersistentSub":
+        self._filters[topic_filter] = qos
+        super().subscribe(topic_filter, qos, timeout)
+        return self
+
+    def seqs(self, topic: str | None = None) -> list[int]:
+        with self._lock:
+            return [seq_of(m[1]) for m in self.messages if topic is None or m[0] == topic]
+
+    def wait_seqs(self, expected: range | list[int], topic: str | None = None, timeout: float = 60) -> SeqReport:
+        """Wait until every number in `expected` arrived (on `topic`); return the report (also
+        when the wait times out, so the caller's assertion shows what is missing)."""
+        exp = set(expected)
+        try:
+            wait_for(lambda: exp <= set(self.seqs(topic)), timeout=timeout, interval=0.1,
+                     message=f"{len(exp)} numbered messages")
+        except AssertionError:
+            pass
+        return SeqReport(self.seqs(topic), expected)
+
+
+class SeqPublisher:
+    """An independent paho publisher with a persistent session (clean_session=False, fixed client
+    id) that survives broker restarts: paho keeps every QoS 1/2 message until the broker
+    acknowledges it and resends the unacknowledged ones after reconnecting. `infos` tracks each
+    publish; wait_all_acked() waits until the broker acknowledged all of them."""
+
+    def __init__(self, port: int, client_id: str | None = None, host: str = HOST, max_inflight: int = 0):
+        self.port = port
+        self.host = host
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or unique("pub"),
+                                  protocol=mqtt.MQTTv311, clean_session=False)
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(1, 2)
+        self._connected = threading.Event()
+        self.connects = 0
+        self.infos: list[mqtt.MQTTMessageInfo] = []
+        self._acked = 0
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self._connected.clear()
+        self.client.on_publish = self._on_publish
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self._acked += 1  # paho's network thread is the only writer
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            self.connects += 1
+            self._connected.set()
+
+    def connect(self, timeout: float = 10) -> "SeqPublisher":
+        self.client.connect(self.host, self.port, keepalive=10)
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise AssertionError(f"paho publisher could not connect to {self.host}:{self.port}")
+        return self
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 1) -> None:
+        info = self.client.publish(topic, payload, qos)
+        assert info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN), f"publish failed: {info.rc}"
+        self.infos.append(info)
+
+    def publish_seq(self, topic: str, numbers: range, qos: int = 1, pad: int = 0, window: int = 20_000) -> None:
+        """Publish seq_payload(i, pad) for every i, keeping at most `window` unacknowledged (paho's
+        packet ids are 16 bits: never have 65,535 outstanding)."""
+        for i in numbers:
+            if len(self.infos) - self._acked >= window:
+                wait_for(lambda: len(self.infos) - self._acked < window // 2, timeout=120, interval=0.005,
+                         message="the broker to acknowledge publishes")
+            self.publish(topic, seq_payload(i, pad), qos)
+
+    def acked(self) -> int:
+        """How many publishes the broker acknowledged (on_publish calls; not is_published(),
+        which raises for a message published while disconnected, one paho still sends later)."""
+        return self._acked
+
+    def wait_all_acked(self, timeout: float = 60) -> None:
+        wait_for(lambda: self.acked() >= len(self.infos), timeout=timeout, interval=0.05,
+                 message=f"the broker to acknowledge all {len(self.infos)} publishes (acked: {self.acked()})")
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def __enter__(self) -> "SeqPublisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TcpSink:
+    """A TCP server thread on 127.0.0.1 standing in for a broker that fails. mode 'close':
+    accept each connection and close it at once (every connection attempt fails fast);
+    'hold': accept, never read or answer (a hung broker). `accepts` holds the monotonic time of
+    every accepted connection."""
+
+    def __init__(self, port: int | None = None, mode: str = "hold"):
+        assert mode in ("hold", "close")
+        self.port = port or free_port()
+        self.mode = mode
+        self.accepts: list[float] = []
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"TcpSink(port={self.port}, mode={self.mode})"
+
+    def start(self) -> "TcpSink":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((HOST, self.port))
+        s.listen(128)
+        s.settimeout(0.1)
+        self._sock = s
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name=repr(self), daemon=True)
+        self._thread.start()
+        _live.add(self)
+        return self
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                c, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.accepts.append(time.monotonic())
+            if self.mode == "close":
+                c.close()
+            else:
+                self._held.append(c)
+
+    def attempts_between(self, t0: float, t1: float) -> int:
+        return sum(1 for t in list(self.accepts) if t0 <= t < t1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+            self._thread = None
+        if self._sock:
+            self._sock.close()
+            self._sock = None
+        for c in self._held:
+            try:
+                c.close()
+            except OSError:
+                pass
+        self._held.clear()
+        _live.discard(self)
+
+    def destroy(self) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return ""
+
+    def __enter__(self) -> "TcpSink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def vm_rss_kb(pid: int) -> int:
+    """Resident set size of a process, in KiB (VmRSS from /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")

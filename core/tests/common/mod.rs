@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mqtt_pg_core::engine::{self, BrokerConfig, Engine, Event, OutMessage};
+use mqtt_pg_core::engine::{self, Ack, BrokerConfig, Engine, Event, InMessage, OutMessage};
 
 /// Default deadline for anything the tests wait for.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -60,12 +60,19 @@ pub struct Broker {
     dir: PathBuf,
     child: Option<Child>,
     generation: u32,
+    /// Configuration lines added to every run's config file.
+    extra_conf: String,
 }
 
 impl Broker {
     /// Start a broker on a free port (retrying with another port if the one picked was taken
     /// in the meantime).
     pub fn start() -> Broker {
+        Self::start_with("")
+    }
+
+    /// [`Broker::start`] with extra configuration lines (`"max_packet_size 2000\n"`).
+    pub fn start_with(extra_conf: &str) -> Broker {
         let dir = temp_dir("mosq");
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -74,6 +81,7 @@ impl Broker {
                 dir: dir.clone(),
                 child: None,
                 generation: 0,
+                extra_conf: extra_conf.to_string(),
             };
             match b.spawn(Duration::from_secs(2)) {
                 Ok(()) => return b,
@@ -257,9 +265,11 @@ impl Broker {
                  max_queued_messages 0\n\
                  user root\n\
                  log_dest file {log}\n\
-                 log_type all\n",
+                 log_type all\n\
+                 {extra}",
                 port = self.port,
-                log = self.log_path().display()
+                log = self.log_path().display(),
+                extra = self.extra_conf
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -632,10 +642,19 @@ pub struct Harness {
     pub batch: usize,
     /// Epoch of the latest `Connected` seen per broker, as the worker tracks it.
     epochs: std::collections::HashMap<i32, u64>,
+    /// Acknowledge every QoS 1/2 message as soon as it is drained, as the worker does after
+    /// its commit (on by default; tests about acknowledgements turn it off and call
+    /// [`Harness::ack`] themselves).
+    pub auto_ack: bool,
 }
 
 impl Harness {
     pub fn new(event_capacity: usize) -> Harness {
+        Self::with_limit(event_capacity, engine::DEFAULT_BUFFER_BYTES)
+    }
+
+    /// An engine started with [`Engine::start_with_limit`].
+    pub fn with_limit(event_capacity: usize, buffer_bytes: usize) -> Harness {
         let signal = Arc::new((Mutex::new(0u64), Condvar::new()));
         let s = signal.clone();
         let wake = Arc::new(move || {
@@ -643,14 +662,34 @@ impl Harness {
             *n += 1;
             s.1.notify_all();
         });
-        let engine = Engine::start(2, event_capacity, wake).expect("start engine");
+        let engine =
+            Engine::start_with_limit(2, event_capacity, buffer_bytes, wake).expect("start engine");
         Harness {
             engine: Some(engine),
             signal,
             backlog: VecDeque::new(),
             batch: 256,
             epochs: std::collections::HashMap::new(),
+            auto_ack: true,
         }
+    }
+
+    /// Acknowledge these messages (QoS 0 ones have nothing to acknowledge).
+    pub fn ack<'a>(&mut self, msgs: impl IntoIterator<Item = &'a InMessage>) {
+        let acks: Vec<Ack> = msgs.into_iter().filter_map(|m| m.ack).collect();
+        if !acks.is_empty() {
+            self.engine().ack(acks);
+        }
+    }
+
+    /// Drain directly (not through the backlog), acknowledging what comes out if `auto_ack`.
+    pub fn drain_within(&mut self, max: usize, max_bytes: usize) -> Vec<Event> {
+        let mut got = Vec::new();
+        self.engine().drain_events_within(&mut got, max, max_bytes);
+        if self.auto_ack {
+            self.ack(received(&got));
+        }
+        got
     }
 
     pub fn engine(&mut self) -> &mut Engine {
@@ -705,6 +744,9 @@ impl Harness {
             let batch = self.batch;
             self.engine().drain_events(&mut got, batch);
             if !got.is_empty() {
+                if self.auto_ack {
+                    self.ack(received(&got));
+                }
                 for e in &got {
                     if let Event::Connected {
                         broker_id, epoch, ..
@@ -846,5 +888,509 @@ pub fn assert_no_trouble(events: &[Event]) {
             describe_one(e),
             describe(events)
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Just enough MQTT 3.1.1 for scripted brokers and a packet-aware proxy.
+// ---------------------------------------------------------------------------------------------
+
+/// One MQTT 3.1.1 packet as the scripted broker and the proxy see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet {
+    Connect {
+        client_id: String,
+        clean_session: bool,
+    },
+    ConnAck {
+        session_present: bool,
+        code: u8,
+    },
+    Publish {
+        dup: bool,
+        qos: u8,
+        retain: bool,
+        topic: String,
+        pkid: Option<u16>,
+        payload: Vec<u8>,
+    },
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe(u16),
+    PingReq,
+    PingResp,
+    Disconnect,
+    Other(u8),
+}
+
+/// A packet on the wire: its first byte and its body (after the remaining length).
+#[derive(Debug, Clone)]
+pub struct RawPacket {
+    pub header: u8,
+    pub body: Vec<u8>,
+}
+
+impl RawPacket {
+    pub fn new(header: u8, body: Vec<u8>) -> RawPacket {
+        RawPacket { header, body }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![self.header];
+        let mut len = self.body.len();
+        loop {
+            let mut b = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                b |= 0x80;
+            }
+            v.push(b);
+            if len == 0 {
+                break;
+            }
+        }
+        v.extend_from_slice(&self.body);
+        v
+    }
+
+    pub fn parse(&self) -> Packet {
+        let b = &self.body;
+        let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        let str_at = |i: usize| -> (String, usize) {
+            let n = usize::from(u16_at(i));
+            (
+                String::from_utf8_lossy(&b[i + 2..i + 2 + n]).into_owned(),
+                i + 2 + n,
+            )
+        };
+        match self.header >> 4 {
+            1 => {
+                // "MQTT", level, flags, keepalive, client id
+                let (_proto, i) = str_at(0);
+                let flags = b[i + 1];
+                let (client_id, _) = str_at(i + 4);
+                Packet::Connect {
+                    client_id,
+                    clean_session: flags & 0x02 != 0,
+                }
+            }
+            2 => Packet::ConnAck {
+                session_present: b[0] & 1 == 1,
+                code: b[1],
+            },
+            3 => {
+                let qos = (self.header >> 1) & 3;
+                let (topic, mut i) = str_at(0);
+                let pkid = (qos > 0).then(|| {
+                    let p = u16_at(i);
+                    i += 2;
+                    p
+                });
+                Packet::Publish {
+                    dup: self.header & 0x08 != 0,
+                    qos,
+                    retain: self.header & 1 == 1,
+                    topic,
+                    pkid,
+                    payload: b[i..].to_vec(),
+                }
+            }
+            4 => Packet::PubAck(u16_at(0)),
+            5 => Packet::PubRec(u16_at(0)),
+            6 => Packet::PubRel(u16_at(0)),
+            7 => Packet::PubComp(u16_at(0)),
+            8 => {
+                let pkid = u16_at(0);
+                let mut i = 2;
+                let mut filters = Vec::new();
+                while i < b.len() {
+                    let (f, j) = str_at(i);
+                    filters.push((f, b[j]));
+                    i = j + 1;
+                }
+                Packet::Subscribe { pkid, filters }
+            }
+            10 => Packet::Unsubscribe(u16_at(0)),
+            12 => Packet::PingReq,
+            13 => Packet::PingResp,
+            14 => Packet::Disconnect,
+            t => Packet::Other(t),
+        }
+    }
+}
+
+/// Read one packet. `Ok(None)` if the first byte does not come within the stream's read
+/// timeout; the rest of a packet that has started is always read in full.
+pub fn read_raw(stream: &mut TcpStream) -> std::io::Result<Option<RawPacket>> {
+    use std::io::Read as _;
+    let mut b = [0u8; 1];
+    match stream.read(&mut b) {
+        Ok(0) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ))
+        }
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    }
+    let header = b[0];
+    let timeout = stream.read_timeout()?;
+    stream.set_read_timeout(Some(WAIT))?;
+    let result = (|| {
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            stream.read_exact(&mut b)?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body)?;
+        Ok(RawPacket { header, body })
+    })();
+    stream.set_read_timeout(timeout)?;
+    result.map(Some)
+}
+
+/// One accepted connection of a [`ScriptedBroker`]; the test plays the broker's part.
+pub struct ScriptedConn {
+    stream: TcpStream,
+    /// Every packet read from the client, in order.
+    pub seen: Vec<Packet>,
+    /// Answer the client's PUBRELs with PUBCOMP by itself, as any broker does (the engine
+    /// releases every QoS 2 packet id it may use when it resumes a session), and keep them
+    /// out of what [`ScriptedConn::read`] returns. On by default.
+    pub answer_pubrel: bool,
+    /// Packet ids of the PUBRELs answered that way.
+    pub released: Vec<u16>,
+}
+
+impl ScriptedConn {
+    /// The next packet from the client, or None if nothing comes within `timeout`. Panics if
+    /// the client closed the connection.
+    pub fn read(&mut self, timeout: Duration) -> Option<Packet> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // A zero read timeout means "block for ever" to the socket.
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match read_raw(&mut self.stream) {
+                Ok(Some(raw)) => {
+                    let p = raw.parse();
+                    self.seen.push(p.clone());
+                    match p {
+                        Packet::PubRel(id) if self.answer_pubrel => {
+                            self.released.push(id);
+                            self.ack(0x70, id);
+                        }
+                        p => return Some(p),
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => panic!(
+                    "scripted broker: reading from the client failed ({e}); packets so far: {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// The next packet, which must come within [`WAIT`].
+    pub fn expect(&mut self, what: &str) -> Packet {
+        self.read(WAIT).unwrap_or_else(|| {
+            panic!(
+                "scripted broker: no {what} from the client within {WAIT:?}; packets so far: {:?}",
+                self.seen
+            )
+        })
+    }
+
+    pub fn send(&mut self, raw: RawPacket) {
+        self.stream
+            .write_all(&raw.encode())
+            .expect("scripted broker write");
+        self.stream.flush().unwrap();
+    }
+
+    pub fn connack(&mut self, session_present: bool) {
+        self.send(RawPacket::new(0x20, vec![u8::from(session_present), 0]));
+    }
+
+    /// PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70) for `pkid`.
+    pub fn ack(&mut self, header: u8, pkid: u16) {
+        self.send(RawPacket::new(header, pkid.to_be_bytes().to_vec()));
+    }
+
+    /// Close the connection (both directions).
+    pub fn close(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A listening socket the test plays an MQTT broker on, one [`ScriptedConn`] at a time.
+pub struct ScriptedBroker {
+    pub port: u16,
+    listener: TcpListener,
+}
+
+impl ScriptedBroker {
+    pub fn start() -> ScriptedBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
+        listener.set_nonblocking(true).unwrap();
+        ScriptedBroker {
+            port: listener.local_addr().unwrap().port(),
+            listener,
+        }
+    }
+
+    /// The next connection, if one comes within `timeout`.
+    pub fn accept(&self, timeout: Duration) -> Option<ScriptedConn> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    return Some(ScriptedConn {
+                        stream,
+                        seen: Vec::new(),
+                        answer_pubrel: true,
+                        released: Vec::new(),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("scripted broker accept: {e}"),
+            }
+        }
+    }
+
+    /// Accept the next connection and read its CONNECT (returned with the connection).
+    pub fn accept_connect(&self) -> (ScriptedConn, Packet) {
+        let mut c = self
+            .accept(WAIT)
+            .unwrap_or_else(|| panic!("no connection to the scripted broker within {WAIT:?}"));
+        let p = c.expect("CONNECT");
+        assert!(
+            matches!(p, Packet::Connect { .. }),
+            "expected CONNECT, got {p:?}"
+        );
+        (c, p)
+    }
+}
+
+/// What the proxy does with a packet from the broker to the client.
+pub type ProxyRule = dyn Fn(&Packet) -> bool + Send + Sync;
+
+/// A TCP proxy between the engine and a broker that reads the broker's packets and, when
+/// `cut` says so, drops that packet and closes both sides instead (at most `cuts` times).
+/// Everything else is passed through unchanged. Its threads stop (and are joined) on drop.
+pub struct Proxy {
+    pub port: u16,
+    /// Connections cut so far.
+    pub cut_count: Arc<AtomicUsize>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    accept_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16, cuts: usize, cut: Box<ProxyRule>) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+        let cut_count = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let cut: Arc<ProxyRule> = Arc::from(cut);
+        let (st, so, th, cc, acc) = (
+            stop.clone(),
+            sockets.clone(),
+            threads.clone(),
+            cut_count.clone(),
+            accepted.clone(),
+        );
+        let accept_thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Acquire) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    Err(e) => panic!("proxy accept: {e}"),
+                };
+                acc.fetch_add(1, Ordering::AcqRel);
+                client.set_nonblocking(false).unwrap();
+                client.set_nodelay(true).unwrap();
+                let server = match TcpStream::connect(("127.0.0.1", upstream)) {
+                    Ok(s) => s,
+                    Err(_) => continue, // broker down: the client sees the connection close
+                };
+                server.set_nodelay(true).unwrap();
+                {
+                    let mut v = so.lock().unwrap();
+                    v.push(client.try_clone().unwrap());
+                    v.push(server.try_clone().unwrap());
+                }
+                // Client to broker: bytes as they come.
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Both);
+                    let _ = c_in.shutdown(std::net::Shutdown::Both);
+                });
+                // Broker to client: packet by packet, through the rule.
+                let (mut s_in, mut c_out) = (server, client);
+                let (rule, cc) = (cut.clone(), cc.clone());
+                let down = std::thread::spawn(move || {
+                    loop {
+                        let raw = match read_raw(&mut s_in) {
+                            Ok(Some(r)) => r,
+                            Ok(None) => continue,
+                            Err(_) => break,
+                        };
+                        let p = raw.parse();
+                        if rule(&p)
+                            && cc
+                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                                    (n < cuts).then_some(n + 1)
+                                })
+                                .is_ok()
+                        {
+                            break;
+                        }
+                        if c_out.write_all(&raw.encode()).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_in.shutdown(std::net::Shutdown::Both);
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                });
+                let mut t = th.lock().unwrap();
+                t.push(up);
+                t.push(down);
+            }
+        });
+        Proxy {
+            port,
+            cut_count,
+            accepted,
+            stop,
+            sockets,
+            threads,
+            accept_thread: Some(accept_thread),
+        }
+    }
+}
+
+impl Proxy {
+    /// Close every connection passing through now (both sides); new ones are still accepted.
+    pub fn cut_all(&self) {
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bytes the one client connected to the local TCP port `port` (the engine, in the tests
+/// that use this) has read off its socket so far: what its socket received minus what still
+/// waits there unread (`ss -tni`: `bytes_received` less Recv-Q). rumqttc reads in chunks, so
+/// this includes up to one read buffer (8 KiB) of packets it has not parsed yet.
+pub fn client_bytes_read(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-tnHi", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {:?}", out);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tokens: Vec<&str> = text.split_whitespace().collect();
+    // Each socket: "Recv-Q Send-Q local peer" followed by its "key:value" info tokens.
+    let recv_q: Vec<usize> = tokens
+        .windows(4)
+        .filter(|w| {
+            w[0].parse::<usize>().is_ok()
+                && w[1].parse::<usize>().is_ok()
+                && w[3].ends_with(&format!(":{port}"))
+        })
+        .map(|w| w[0].parse().unwrap())
+        .collect();
+    let received: Vec<usize> = tokens
+        .iter()
+        .filter_map(|t| t.strip_prefix("bytes_received:"))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(
+        recv_q.len() == 1 && received.len() == 1,
+        "expected exactly one client connected to port {port}; ss says:\n{text}"
+    );
+    received[0] - recv_q[0]
+}
+
+/// Wait until `f()` returns the same value on consecutive checks `quiet` apart, and return it:
+/// for quantities that settle (a blocked reader's socket queue).
+pub fn settled<T: PartialEq + Copy + std::fmt::Debug>(
+    what: &str,
+    quiet: Duration,
+    mut f: impl FnMut() -> T,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    let mut last = f();
+    loop {
+        std::thread::sleep(quiet);
+        let now = f();
+        if now == last {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not settle within {WAIT:?} (last {now:?})"
+        );
+        last = now;
     }
 }
