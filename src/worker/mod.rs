@@ -13,7 +13,7 @@ mod outbox;
 mod store;
 mod subxact;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -50,6 +50,9 @@ struct BrokerRuntime {
     /// How often each outbox row was the oldest unacknowledged one when a connection ended
     /// (see `Event::ConnectionLost::suspect`).
     strikes: HashMap<i64, u32>,
+    /// Rows the broker acknowledged whose move to history waits for a retry (see
+    /// `Worker::retry`): still in the outbox, but never to be sent again.
+    unrecorded: HashSet<i64>,
 }
 
 /// A row that was the oldest unacknowledged one this many times when the broker closed the
@@ -57,6 +60,11 @@ struct BrokerRuntime {
 /// closes the connection on a packet over its `max_packet_size`) and is dead-lettered, so the
 /// queue behind it moves again. A broker restart names one innocent row at most once or twice.
 const STRIKES_TO_DEAD_LETTER: u32 = 3;
+
+/// How long to wait before storing a batch again that the database refused for a passing
+/// reason (a lock timeout, a full disk). Meanwhile the engine's buffer fills and the broker
+/// connections stop reading: nothing is acknowledged or dropped.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A replaced connection task that never says `Stopped` (it panicked) must not hold its rows
 /// for ever.
@@ -68,7 +76,9 @@ impl BrokerRuntime {
     }
 
     fn is_taken(&self, id: i64) -> bool {
-        self.in_flight.contains_key(&id) || self.retired.contains_key(&id)
+        self.in_flight.contains_key(&id)
+            || self.retired.contains_key(&id)
+            || self.unrecorded.contains(&id)
     }
 
     /// The current task is being replaced: its rows wait for its `Stopped`.
@@ -97,6 +107,8 @@ struct Worker {
     /// A connection task failed: re-apply the configuration at the next turn, which starts a
     /// new one.
     restart_failed: bool,
+    /// A batch the database refused for a passing reason, and when to try it again.
+    retry: Option<(store::Batch, Instant)>,
 }
 
 #[pg_guard]
@@ -145,6 +157,7 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         engine,
         brokers: HashMap::new(),
         restart_failed: false,
+        retry: None,
     };
     let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
@@ -375,6 +388,13 @@ impl Worker {
     /// Store one bounded batch of engine events in one transaction. Returns true when anything
     /// changed that may let more outbox rows go (a delivery, a new connection).
     fn process_events(&mut self) -> bool {
+        if let Some((batch, at)) = self.retry.take() {
+            if Instant::now() < at {
+                self.retry = Some((batch, at));
+                return false;
+            }
+            return self.store(batch);
+        }
         let max = gucs::INGEST_BATCH_SIZE.get().max(1) as usize;
         let mut events = Vec::new();
         self.engine
@@ -504,9 +524,39 @@ impl Worker {
                 }
             }
         }
-        let outcome = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
+        self.store(batch) && progressed
+    }
+
+    /// Store a batch in one transaction and, once it has committed, acknowledge its messages.
+    /// False when the database refused it for a passing reason: it is tried again later.
+    fn store(&mut self, batch: store::Batch) -> bool {
+        let stored = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
+        let outcome = match stored {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                warning!(
+                    "mqtt_pg could not store {} received and {} delivered messages ({e}); \
+                     trying again in {} s, nothing is acknowledged meanwhile",
+                    batch.received.len(),
+                    batch.delivered.len(),
+                    RETRY_AFTER.as_secs()
+                );
+                for (broker_id, outbox_id, _) in &batch.delivered {
+                    if let Some(b) = self.brokers.get_mut(broker_id) {
+                        b.unrecorded.insert(*outbox_id);
+                    }
+                }
+                self.retry = Some((batch, Instant::now() + RETRY_AFTER));
+                return false;
+            }
+        };
         // Committed: now, and only now, the broker may forget these messages.
         self.engine.ack(outcome.acks);
+        for (broker_id, outbox_id, _) in &batch.delivered {
+            if let Some(b) = self.brokers.get_mut(broker_id) {
+                b.unrecorded.remove(outbox_id);
+            }
+        }
         // Dead letters are counted from their table by mqtt_status.
         for (broker_id, (received, sent, _dead)) in outcome.counts {
             self.with_status(broker_id, |s| {
@@ -514,7 +564,7 @@ impl Worker {
                 s.sent += sent;
             });
         }
-        progressed
+        true
     }
 
     /// Re-read brokers and subscriptions and make the engine match. False when the extension

@@ -35,7 +35,23 @@ pub struct Outcome {
     pub acks: Vec<Ack>,
 }
 
-pub fn store(schema: &str, batch: &Batch) -> Outcome {
+/// Store a batch, all or nothing as far as passing trouble goes: if the database fails for a
+/// reason of the moment (a lock timeout, a cancel, a full disk; see `subxact::Failure`),
+/// everything is rolled back and the error returned, so the caller can retry the same batch
+/// later, with nothing acknowledged and nothing set aside meanwhile.
+pub fn store(schema: &str, batch: &Batch) -> Result<Outcome, String> {
+    subxact::run(|| store_all(schema, batch)).map_err(|f| f.message)
+}
+
+/// Re-raise a transient failure (to roll back the whole batch); hand back a permanent one.
+fn permanent(failure: subxact::Failure) -> String {
+    if failure.transient {
+        error!("{}", failure.message);
+    }
+    failure.message
+}
+
+fn store_all(schema: &str, batch: &Batch) -> Outcome {
     let mut outcome = Outcome::default();
     Spi::connect_mut(|client| {
         let mut refused: Vec<(&InMessage, String)> = Vec::new();
@@ -51,6 +67,7 @@ pub fn store(schema: &str, batch: &Batch) -> Outcome {
             let stored = match subxact::run(|| insert_received(client, schema, chunk)) {
                 Ok(()) => chunk.to_vec(),
                 Err(e) => {
+                    let e = permanent(e);
                     warning!(
                         "mqtt_pg could not store a batch of {} received messages ({e}); \
                          storing them one by one",
@@ -60,7 +77,7 @@ pub fn store(schema: &str, batch: &Batch) -> Outcome {
                     for m in chunk {
                         match subxact::run(|| insert_received(client, schema, &[*m])) {
                             Ok(()) => stored.push(*m),
-                            Err(e) => refused.push((m, e)),
+                            Err(e) => refused.push((m, permanent(e))),
                         }
                     }
                     stored
@@ -84,6 +101,7 @@ pub fn store(schema: &str, batch: &Batch) -> Outcome {
                 }
                 // Not acknowledged: the broker sends it again (after a reconnect).
                 Err(e) => {
+                    let e = permanent(e);
                     warning!("mqtt_pg could not store a received message, nor set it aside: {e}")
                 }
             }
@@ -194,6 +212,7 @@ fn move_delivered(
     let brokers = match moved {
         Ok(brokers) => brokers,
         Err(e) => {
+            let e = permanent(e);
             let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
             warning!(
                 "mqtt_pg could not record {} delivered messages in mqtt_message_history ({e}); \

@@ -9,13 +9,30 @@
 
 use std::panic::AssertUnwindSafe;
 
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
+/// Why a subtransaction failed.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    /// The error would likely not happen again a moment later: a lock or statement timeout, a
+    /// cancel, a deadlock or serialization failure, lack of resources (disk full, out of
+    /// memory), an operator or system error. The batch is then retried as a whole, never split
+    /// into dead letters.
+    pub transient: bool,
+}
+
+/// SQLSTATE classes of errors that are about the moment, not about the data: 40 (transaction
+/// rollback), 53 (insufficient resources), 55 (object not in prerequisite state, e.g.
+/// lock_not_available), 57 (operator intervention, e.g. query_canceled), 58 (system error).
+const TRANSIENT_CLASSES: [&str; 5] = ["40", "53", "55", "57", "58"];
+
 /// Run `f` in a subtransaction of the current transaction. On a Postgres ERROR (or a Rust
-/// panic) only the subtransaction is rolled back and the error's message is returned; the
-/// caller's transaction and SPI connection carry on.
-pub fn run<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// panic) only the subtransaction is rolled back and the error is returned; the caller's
+/// transaction and SPI connection carry on.
+pub fn run<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
     // SAFETY: the worker is inside a transaction (every caller runs within
     // `BackgroundWorker::transaction`). The memory context and resource owner are saved and
     // restored around the subtransaction exactly as PL/Python does.
@@ -38,10 +55,30 @@ pub fn run<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     }
 }
 
-fn describe(e: CaughtError) -> String {
+fn describe(e: CaughtError) -> Failure {
     match e {
-        CaughtError::PostgresError(r)
-        | CaughtError::ErrorReport(r)
-        | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+            let code = sqlstate(r.sql_error_code());
+            Failure {
+                message: r.message().to_string(),
+                transient: TRANSIENT_CLASSES.contains(&&code[..2]),
+            }
+        }
+        CaughtError::RustPanic { ereport: r, .. } => Failure {
+            message: r.message().to_string(),
+            transient: false,
+        },
     }
+}
+
+/// The five-character SQLSTATE of an error code (PostgreSQL packs it six bits a character).
+fn sqlstate(code: PgSqlErrorCode) -> String {
+    let mut n = code as i32;
+    (0..5)
+        .map(|_| {
+            let c = ((n & 0x3F) as u8 + b'0') as char;
+            n >>= 6;
+            c
+        })
+        .collect()
 }

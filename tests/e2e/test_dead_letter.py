@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from harness import mosquitto_pub, mqtt_sub, table_counts, wait_for, wait_history, wait_ingesting
+from harness import mosquitto_pub, mqtt_sub, serve_broker, table_counts, wait_for, wait_history, wait_ingesting
 
 
 def dead_letters(conn, broker_id: int) -> list[dict]:
@@ -152,3 +152,41 @@ def test_requeue_of_a_dead_letter_whose_broker_is_gone(conn, make_broker, topic)
     assert e.value.sqlstate == "42704" and "no longer exists" in str(e.value)
     assert table_counts(conn) == before
     conn.execute("DELETE FROM mqtt_dead_letter WHERE id = %s", (dead_id,))
+
+
+def test_passing_database_errors_are_retried_not_dead_lettered(pg, mosq, scratch_db, topic):
+    """A lock timeout (or a cancel, a full disk) is about the moment, not the message: the batch
+    is stored again later, whole, and nothing is set aside or acknowledged meanwhile. Here the
+    database has lock_timeout = 300ms and the history table is locked for several timeouts."""
+    db = scratch_db("locktimeout")
+    with pg.connect() as admin:
+        admin.execute(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\'')
+    with pg.connect(db) as c, pg.connect(db, autocommit=False) as locker:
+        serve_broker(c, mosq.port)
+        c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
+        wait_ingesting(c, mosq.port, f"{topic}/in/probe")
+        log_before = pg.log_text().count("trying again in")
+        with mqtt_sub(mosq.port, f"{topic}/out", qos=1) as sub:
+            locker.execute("LOCK TABLE mqtt_message_history IN SHARE MODE")
+            for i in range(5):
+                mosquitto_pub(mosq.port, f"{topic}/in/x", f"in{i}", qos=1)
+            c.execute("SELECT mqtt_publish(%s, 'out' || g, 1, false, 'b') FROM generate_series(1, 3) g",
+                      (f"{topic}/out",))
+            sub.wait_count(3)
+            # Several lock timeouts and retries go by while the lock is held.
+            wait_for(lambda: pg.log_text().count("trying again in") >= log_before + 3, timeout=20,
+                     message="the worker retrying its batch")
+            assert c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
+            locker.rollback()
+            wait_history(c, f"{topic}/in/x", 5)
+            wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == 0,
+                     message="the delivered rows recorded")
+            received = c.execute("SELECT payload FROM mqtt_message_history WHERE topic = %s AND direction = 'receive'",
+                                 (f"{topic}/in/x",)).fetchall()
+            assert sorted(bytes(r[0]) for r in received) == [f"in{i}".encode() for i in range(5)]
+            sent = c.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s AND direction = 'send'",
+                             (f"{topic}/out",)).fetchone()[0]
+            assert sent == 3
+            assert sorted(sub.payloads()) == [b"out1", b"out2", b"out3"], "delivered once each, none resent"
+            assert c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
+        c.execute("UPDATE mqtt_broker SET active = false")

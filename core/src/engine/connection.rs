@@ -361,6 +361,8 @@ fn answer_any_pubrel(state: &mut MqttState) {
         let _ = state.handle_incoming_packet(Packet::Publish(p));
     }
     state.events.truncate(events);
+    // The stand-ins grew the queue to some 10 MB: give that back.
+    state.events.shrink_to(events.max(64));
 }
 
 fn delivered(out: &mut Vec<Event>, broker_id: i32, outbox_id: i64, pkid: u16) {
@@ -471,13 +473,21 @@ pub(super) async fn run_broker(
     // Poll task (this one).
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut connected_at: Option<Instant> = None;
+    // When reads were last held back for longer than half the keep-alive.
+    let mut paused_at: Option<Instant> = None;
     let mut out = vec![Event::Connecting { broker_id: id }];
     emitter.emit_all(&mut out).await;
     loop {
-        // While the worker holds too many received messages, read nothing more.
+        // While the worker holds too many received messages, read nothing more; but poll now and
+        // then all the same, so rumqttc still sends its PINGREQ and a long database stall does
+        // not cost the connection (each such poll reads at most one more batch of packets).
         tokio::select! {
             _ = stop.notified() => break,
-            _ = emitter.buffered.wait_for_room() => {}
+            room = tokio::time::timeout(config.keepalive / 2, emitter.buffered.wait_for_room()) => {
+                if room.is_err() {
+                    paused_at = Some(Instant::now());
+                }
+            }
         }
         let polled = tokio::select! {
             _ = stop.notified() => break,
@@ -501,7 +511,10 @@ pub(super) async fn run_broker(
                 let suspect = {
                     let mut b = lock(&book);
                     b.take_buffered(&client, id, &mut eventloop, &mut out);
-                    let suspect = b.oldest_unacknowledged();
+                    // A connection lost while reads were paused says nothing about the rows
+                    // in flight: the broker may have given up on a silent client.
+                    let paused = paused_at.is_some_and(|t| t.elapsed() < config.keepalive * 2);
+                    let suspect = b.oldest_unacknowledged().filter(|_| !paused);
                     b.connection_lost(&mut eventloop);
                     suspect
                 };
