@@ -64,7 +64,9 @@ const STRIKES_TO_DEAD_LETTER: u32 = 3;
 /// How long to wait before storing a batch again that the database refused for a passing
 /// reason (a lock timeout, a full disk). Meanwhile the engine's buffer fills and the broker
 /// connections stop reading: nothing is acknowledged or dropped.
+/// The delay doubles while the same batch keeps failing, up to `RETRY_MAX`.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A replaced connection task that never says `Stopped` (it panicked) must not hold its rows
 /// for ever.
@@ -109,6 +111,8 @@ struct Worker {
     restart_failed: bool,
     /// A batch the database refused for a passing reason, and when to try it again.
     retry: Option<(store::Batch, Instant)>,
+    /// Failed attempts at that batch so far.
+    retries: u32,
 }
 
 #[pg_guard]
@@ -125,6 +129,15 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         pg_sys::SetConfigOption(
             c"search_path".as_ptr(),
             c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+        // A statement_timeout set for the database (for its interactive users) would cancel a
+        // large batch on every attempt; the worker's statements are bounded in size instead.
+        // A lock_timeout stays: a lock wait that ends is retried (see `Worker::store`).
+        pg_sys::SetConfigOption(
+            c"statement_timeout".as_ptr(),
+            c"0".as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
@@ -158,6 +171,7 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         brokers: HashMap::new(),
         restart_failed: false,
         retry: None,
+        retries: 0,
     };
     let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
@@ -301,9 +315,18 @@ impl Worker {
         let mut last_poll: Option<Instant> = None;
         loop {
             let interval = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-            let timeout = last_poll
+            let mut timeout = last_poll
                 .map(|t| interval.saturating_sub(t.elapsed()))
                 .unwrap_or_default();
+            match &self.retry {
+                Some((_, at)) => {
+                    timeout = timeout.min(at.saturating_duration_since(Instant::now()))
+                }
+                // Events left from a turn that could not take them (a retried batch) are not
+                // announced again by the engine: go straight for them.
+                None if self.engine.has_events() => timeout = Duration::ZERO,
+                None => {}
+            }
             wait(wake_rx.as_raw_fd(), timeout);
             if BackgroundWorker::sigterm_received() {
                 return Exit::Stop;
@@ -332,7 +355,10 @@ impl Worker {
                 return Exit::ExtensionChanged;
             }
             let progressed = self.process_events();
-            if tick || progressed || flags & WAKE_OUTBOX != 0 {
+            // While a batch waits for a retry nothing new goes out: its delivered and rejected
+            // rows are still in the outbox, and tasks it would have heard stop from may still
+            // be writing.
+            if self.retry.is_none() && (tick || progressed || flags & WAKE_OUTBOX != 0) {
                 self.send_outbox();
             }
         }
@@ -342,9 +368,12 @@ impl Worker {
     /// that a clean stop (SIGTERM, server shutdown) keeps what was already received.
     fn shutdown(mut self, wake_rx: &UnixStream) {
         let deadline = Instant::now() + Duration::from_secs(1);
+        // A batch the database keeps refusing is dropped: none of it was acknowledged, so the
+        // brokers send those messages again, and the delivered rows are still in the outbox.
+        self.retry = None;
         // Store what has arrived while the connections are still up, so their acknowledgements
         // reach the broker (ahead of the DISCONNECT) and it does not send those messages again.
-        while self.engine.has_events() && Instant::now() < deadline {
+        while self.engine.has_events() && self.retry.is_none() && Instant::now() < deadline {
             self.process_events();
         }
         self.engine.set_brokers(Vec::new());
@@ -353,9 +382,12 @@ impl Worker {
             // the wait for a task that has nothing more to say.
             wait(wake_rx.as_raw_fd(), Duration::from_millis(50));
             drain(wake_rx);
-            self.process_events();
+            if self.retry.is_none() {
+                self.process_events();
+            }
         }
-        while self.engine.has_events() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.engine.has_events() && self.retry.is_none() && Instant::now() < deadline {
             self.process_events();
         }
         self.engine.shutdown(Duration::from_millis(200));
@@ -536,20 +568,22 @@ impl Worker {
             Err(e) => {
                 warning!(
                     "mqtt_pg could not store {} received and {} delivered messages ({e}); \
-                     trying again in {} s, nothing is acknowledged meanwhile",
+                     trying again in a moment, nothing is acknowledged meanwhile",
                     batch.received.len(),
                     batch.delivered.len(),
-                    RETRY_AFTER.as_secs()
                 );
                 for (broker_id, outbox_id, _) in &batch.delivered {
                     if let Some(b) = self.brokers.get_mut(broker_id) {
                         b.unrecorded.insert(*outbox_id);
                     }
                 }
-                self.retry = Some((batch, Instant::now() + RETRY_AFTER));
+                self.retries += 1;
+                let delay = RETRY_AFTER * 2u32.pow(self.retries.min(5) - 1);
+                self.retry = Some((batch, Instant::now() + delay.min(RETRY_MAX)));
                 return false;
             }
         };
+        self.retries = 0;
         // Committed: now, and only now, the broker may forget these messages.
         self.engine.ack(outcome.acks);
         for (broker_id, outbox_id, _) in &batch.delivered {

@@ -43,10 +43,11 @@ pub fn store(schema: &str, batch: &Batch) -> Result<Outcome, String> {
     subxact::run(|| store_all(schema, batch)).map_err(|f| f.message)
 }
 
-/// Re-raise a transient failure (to roll back the whole batch); hand back a permanent one.
+/// Re-raise a transient failure, with its SQLSTATE (to roll back the whole batch); hand back a
+/// permanent one.
 fn permanent(failure: subxact::Failure) -> String {
     if failure.transient {
-        error!("{}", failure.message);
+        ereport!(PgLogLevel::ERROR, failure.code, failure.message.clone());
     }
     failure.message
 }

@@ -17,6 +17,7 @@ use pgrx::prelude::*;
 #[derive(Debug)]
 pub struct Failure {
     pub message: String,
+    pub code: PgSqlErrorCode,
     /// The error would likely not happen again a moment later: a lock or statement timeout, a
     /// cancel, a deadlock or serialization failure, lack of resources (disk full, out of
     /// memory), an operator or system error. The batch is then retried as a whole, never split
@@ -58,14 +59,16 @@ pub fn run<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
 fn describe(e: CaughtError) -> Failure {
     match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-            let code = sqlstate(r.sql_error_code());
+            let state = sqlstate(r.sql_error_code());
             Failure {
                 message: r.message().to_string(),
-                transient: TRANSIENT_CLASSES.contains(&&code[..2]),
+                code: r.sql_error_code(),
+                transient: TRANSIENT_CLASSES.contains(&&state[..2]),
             }
         }
         CaughtError::RustPanic { ereport: r, .. } => Failure {
             message: r.message().to_string(),
+            code: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             transient: false,
         },
     }

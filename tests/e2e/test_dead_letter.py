@@ -165,19 +165,20 @@ def test_passing_database_errors_are_retried_not_dead_lettered(pg, mosq, scratch
         serve_broker(c, mosq.port)
         c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
         wait_ingesting(c, mosq.port, f"{topic}/in/probe")
-        log_before = pg.log_text().count("trying again in")
+        log_before = pg.log_text().count("trying again in a moment")
         with mqtt_sub(mosq.port, f"{topic}/out", qos=1) as sub:
             locker.execute("LOCK TABLE mqtt_message_history IN SHARE MODE")
             for i in range(5):
                 mosquitto_pub(mosq.port, f"{topic}/in/x", f"in{i}", qos=1)
             c.execute("SELECT mqtt_publish(%s, 'out' || g, 1, false, 'b') FROM generate_series(1, 3) g",
                       (f"{topic}/out",))
-            sub.wait_count(3)
-            # Several lock timeouts and retries go by while the lock is held.
-            wait_for(lambda: pg.log_text().count("trying again in") >= log_before + 3, timeout=20,
+            # Several lock timeouts and retries go by while the lock is held (meanwhile nothing
+            # new goes out either: the worker is busy with the batch it owes the database).
+            wait_for(lambda: pg.log_text().count("trying again in a moment") >= log_before + 3, timeout=20,
                      message="the worker retrying its batch")
             assert c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
             locker.rollback()
+            sub.wait_count(3)
             wait_history(c, f"{topic}/in/x", 5)
             wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == 0,
                      message="the delivered rows recorded")
@@ -189,4 +190,35 @@ def test_passing_database_errors_are_retried_not_dead_lettered(pg, mosq, scratch
             assert sent == 3
             assert sorted(sub.payloads()) == [b"out1", b"out2", b"out3"], "delivered once each, none resent"
             assert c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
+        c.execute("UPDATE mqtt_broker SET active = false")
+
+
+def test_worker_stops_promptly_while_retrying(pg, mosq, scratch_db, topic):
+    """A batch the database keeps refusing never holds the worker: SIGTERM (pg_terminate_backend,
+    DROP DATABASE, server shutdown) ends it at once. Nothing of the dropped batch was
+    acknowledged, so its successor gets every message again."""
+    db = scratch_db("retrystop")
+    with pg.connect() as admin:
+        admin.execute(f'ALTER DATABASE "{db}" SET lock_timeout = \'200ms\'')
+    with pg.connect(db) as c, pg.connect(db, autocommit=False) as locker:
+        serve_broker(c, mosq.port)
+        c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
+        wait_ingesting(c, mosq.port, f"{topic}/in/probe")
+        [worker] = pg.worker_pids(db)
+        log_before = pg.log_text().count("trying again in a moment")
+        locker.execute("LOCK TABLE mqtt_message_history IN SHARE MODE")
+        for i in range(5):
+            mosquitto_pub(mosq.port, f"{topic}/in/x", f"in{i}", qos=1)
+        wait_for(lambda: pg.log_text().count("trying again in a moment") > log_before, timeout=20,
+                 message="the worker retrying its batch")
+        c.execute("SELECT pg_terminate_backend(%s)", (worker,))
+        wait_for(lambda: worker not in pg.worker_pids(db), timeout=3, interval=0.05,
+                 message="the retrying worker to exit on SIGTERM")
+        locker.rollback()
+        wait_for(lambda: pg.worker_pids(db), timeout=30, message="a new worker")
+        wait_for(lambda: {bytes(r[0]) for r in c.execute(
+            "SELECT payload FROM mqtt_message_history WHERE topic = %s", (f"{topic}/in/x",))}
+            == {f"in{i}".encode() for i in range(5)}, timeout=30,
+            message="every message stored by the new worker")
+        assert c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
         c.execute("UPDATE mqtt_broker SET active = false")

@@ -397,10 +397,10 @@ def test_sigkill_worker_during_drain(pg, make_broker, mosq, topic, closing):
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
 
-    with pg.connect(TEST_DB) as c:
-        commit_batches(c, t, b.name, 1, n, per_tx=n)
     # SIGKILL from the subscriber's thread once 1,500 messages are through.
     sub.at_count(1500, kill)
+    with pg.connect(TEST_DB) as c:
+        commit_batches(c, t, b.name, 1, n, per_tx=n)
     wait_for(lambda: mark, timeout=60, message="the drain to start (and the kill)")
     pg.wait_ready(TEST_DB)
     with pg.connect(TEST_DB) as c2:
@@ -572,7 +572,9 @@ def test_broken_broker_does_not_delay_the_other(conn, connect, make_broker, mosq
           f"mosquitto_pub->stored {summarize_ms(in_lat)}")
     assert [seq_of(p) for p in sub.payloads()] == list(range(1, 21))
     assert history_seqs(conn, f"{topic}/in/x", "receive") == list(range(1, 21))
-    assert max(out_lat) < 2 and max(in_lat) < 2
+    # A broker stuck behind costs at least its 5 s connect timeout; process start-up on a loaded
+    # 2-core machine costs well under 4 s.
+    assert max(out_lat) < 4 and max(in_lat) < 4
     s = broker_status(conn, dead.name)
     assert s["status"] != "connected" and outbox_count(conn, dead.id) == 5000, s
 
