@@ -1275,6 +1275,7 @@ fn stop_keeps_buffered_received_messages() {
         wait_until("the engine to take more than 64 messages", WAIT, || {
             client_bytes_read(broker.port) / packet > 64
         });
+        let taken = client_bytes_read(broker.port) / packet;
         assert!(h.engine().has_events());
         // A publish backlog fills rumqttc's request channel while the engine is blocked on
         // its event channel, so the DISCONNECT at stop cannot be queued (and no last polls
