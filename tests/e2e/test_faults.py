@@ -366,6 +366,7 @@ def test_sigkill_worker_during_ingest(pg, make_broker, fresh_mosq, topic, closin
         wait_for(lambda: history_count(c, t, "receive") >= 3000, timeout=60, interval=0.01,
                  message="ingest to be under way")
         stored = history_count(c, t, "receive")
+    kill_at = datetime.now(timezone.utc)
     killed = pg.kill_worker(TEST_DB)
     assert killed, "no worker to kill"
     print(f"\n[sigkill ingest] killed {killed} with {stored} stored, {pub.acked()} acked by the broker")
@@ -378,6 +379,14 @@ def test_sigkill_worker_during_ingest(pg, make_broker, fresh_mosq, topic, closin
     print(f"[sigkill ingest] {report}")
     assert report.complete, str(report)
     assert worker_pid(pg) not in (None, *killed)
+    # Duplicates only where the guarantee allows them: messages the killed worker had stored
+    # (a copy from before the kill) but not yet acknowledged, so the broker sent them again.
+    with pg.connect(TEST_DB) as c:
+        before_kill = {r[0] for r in c.execute(
+            f"SELECT {SEQ_SQL} FROM mqtt_message_history WHERE topic = %s AND direction = 'receive' "
+            "AND \"timestamp\" < %s", (t, kill_at))}
+    assert set(report.duplicates) <= before_kill, "a duplicate of a message first stored after the kill"
+    assert all(extra == 1 for extra in report.duplicates.values()), report.duplicates
 
 
 def test_sigkill_worker_during_drain(pg, make_broker, mosq, topic, closing):
