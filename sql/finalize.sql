@@ -73,8 +73,10 @@ DECLARE
     n integer := 0;
     dead_id bigint;
 BEGIN
+    -- SKIP LOCKED: rows another session is requeueing right now are its to move.
     FOR dead_id IN SELECT id FROM @extschema@.mqtt_dead_letter
-                   WHERE broker_id OPERATOR(pg_catalog.=) target ORDER BY id LOOP
+                   WHERE broker_id OPERATOR(pg_catalog.=) target ORDER BY id
+                   FOR UPDATE SKIP LOCKED LOOP
         PERFORM @extschema@.mqtt_requeue_dead_letter(dead_id);
         n := n OPERATOR(pg_catalog.+) 1;
     END LOOP;

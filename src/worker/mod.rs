@@ -44,9 +44,10 @@ struct BrokerRuntime {
     /// resent until every such task has said `Stopped` (it will write nothing more), and rows
     /// of the new connection are never mixed up with them.
     retired: HashMap<i64, usize>,
-    /// Replaced tasks not yet stopped, and since when the first of them has been winding down.
+    /// Replaced tasks not yet stopped. Each says `Stopped` in the end (a panicked one too: the
+    /// engine turns its `Failed` into `Stopped`), so their rows are never resent while one of
+    /// them could still write them.
     retiring: u32,
-    retiring_since: Option<Instant>,
     /// How often each outbox row was the oldest unacknowledged one when a connection ended
     /// (see `Event::ConnectionLost::suspect`).
     strikes: HashMap<i64, u32>,
@@ -68,10 +69,6 @@ const STRIKES_TO_DEAD_LETTER: u32 = 3;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// A replaced connection task that never says `Stopped` (it panicked) must not hold its rows
-/// for ever.
-const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl BrokerRuntime {
     fn in_flight_bytes(&self) -> usize {
         self.in_flight.values().sum::<usize>() + self.retired.values().sum::<usize>()
@@ -87,14 +84,12 @@ impl BrokerRuntime {
     fn retire(&mut self) {
         self.retired.extend(self.in_flight.drain());
         self.retiring += 1;
-        self.retiring_since.get_or_insert_with(Instant::now);
     }
 
-    /// Every replaced task has stopped (or took too long): their rows may go again.
+    /// Every replaced task has stopped: their rows may go again.
     fn release_retired(&mut self) {
         self.retired.clear();
         self.retiring = 0;
-        self.retiring_since = None;
     }
 }
 
@@ -141,6 +136,18 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
+        // The broker is told a message is safe once its transaction has committed, so that
+        // commit must be durable: with synchronous_commit = off (a common Odoo tuning) a crash
+        // could lose messages the broker has already forgotten. Stronger settings (remote_*,
+        // local) are kept.
+        if pg_sys::synchronous_commit == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 {
+            pg_sys::SetConfigOption(
+                c"synchronous_commit".as_ptr(),
+                c"on".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
     }
 
     if !claim_slot(dboid) {
@@ -509,9 +516,10 @@ impl Worker {
                                     id,
                                     format!(
                                         "the broker closed the connection {STRIKES_TO_DEAD_LETTER} times \
-                                         while this message was the oldest unacknowledged one; it is \
-                                         probably larger than the broker accepts (mosquitto: \
-                                         max_packet_size). Last error: {error}"
+                                         while this message was the oldest unacknowledged one: a \
+                                         message larger than the broker accepts does that (mosquitto: \
+                                         max_packet_size), and so do a flapping link or two clients \
+                                         sharing one client id. Last error: {error}"
                                     ),
                                 ));
                                 progressed = true;
@@ -693,12 +701,6 @@ impl Worker {
         let engine = &self.engine;
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             for (id, rt) in brokers.iter_mut().filter(|(_, rt)| rt.connected) {
-                if rt
-                    .retiring_since
-                    .is_some_and(|since| since.elapsed() >= RETIRE_TIMEOUT)
-                {
-                    rt.release_retired();
-                }
                 let taken = rt.in_flight.len() + rt.retired.len();
                 let room = max_in_flight.saturating_sub(taken).min(batch);
                 let byte_room = outbox::MAX_IN_FLIGHT_BYTES.saturating_sub(rt.in_flight_bytes());

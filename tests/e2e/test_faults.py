@@ -474,6 +474,49 @@ def test_server_restart_with_rows_queued_while_broker_down(pg, make_broker, pmos
     assert not problems, "the server log shows a crash after the restart:\n" + "\n".join(problems)
 
 
+def test_acknowledged_only_once_durable_even_with_synchronous_commit_off(pg, fresh_mosq, scratch_db, topic, closing):
+    """Guarantees 2 and 4: an Odoo database tuned with synchronous_commit = off must not make
+    the worker acknowledge messages whose commit is not yet on disk. The WAL writer is slowed
+    to 10 s to widen the window; after an immediate restart every acknowledged message is in
+    the history (or comes again from the broker)."""
+    n = 200
+    db = scratch_db("asynccommit")
+    t = f"{topic}/in/data"
+    with pg.connect() as admin:
+        admin.execute(f'ALTER DATABASE "{db}" SET synchronous_commit = off')
+        admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        admin.execute("SELECT pg_reload_conf()")
+    try:
+        with pg.connect(db) as c:
+            assert c.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+            c.execute("CREATE EXTENSION mqtt_pg")
+            c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
+                      (HOST, fresh_mosq.port))
+            wait_status(c, "b", "connected")
+            c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
+            wait_ingesting(c, fresh_mosq.port, f"{topic}/in/probe")
+            pub = closing(SeqPublisher(fresh_mosq.port).connect())
+            pub.publish_seq(t, range(1, n + 1))
+            pub.wait_all_acked()
+            wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",
+                                       (t,)).fetchone()[0] >= n, message="all stored")
+        pg.restart("immediate")
+        with pg.connect(db) as c:
+            def seqs():
+                return SeqReport([r[0] for r in c.execute(
+                    f"SELECT {SEQ_SQL} FROM mqtt_message_history WHERE topic = %s ORDER BY id", (t,))],
+                    range(1, n + 1))
+            try:
+                wait_for(lambda: seqs().complete, timeout=30, message="every message after the crash")
+            finally:
+                print(f"\n[synchronous_commit off, immediate restart] {seqs()}")
+            c.execute("UPDATE mqtt_broker SET active = false")
+    finally:
+        with pg.connect() as admin:
+            admin.execute("ALTER SYSTEM RESET wal_writer_delay")
+            admin.execute("SELECT pg_reload_conf()")
+
+
 # --------------------------------------------------------------------------------------------
 # 7: bounded memory while the history table is locked
 

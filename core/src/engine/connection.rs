@@ -385,6 +385,8 @@ pub(super) struct Emitter {
     pub(super) events: mpsc::Sender<Tagged>,
     pub(super) waker: Waker,
     pub(super) buffered: Arc<Buffered>,
+    /// When a send last had to wait for room in the channel (the worker is not draining).
+    pub(super) blocked_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Emitter {
@@ -396,8 +398,16 @@ impl Emitter {
             if let Event::Received(m) = &ev {
                 self.buffered.add(held_bytes(m));
             }
-            if self.events.send((self.generation, ev)).await.is_err() {
-                return false;
+            let ev = match self.events.try_send((self.generation, ev)) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(ev)) => Some(ev),
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            };
+            if let Some(ev) = ev {
+                *self.blocked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                if self.events.send(ev).await.is_err() {
+                    return false;
+                }
             }
             self.waker.wake();
         }
@@ -479,8 +489,8 @@ pub(super) async fn run_broker(
     emitter.emit_all(&mut out).await;
     loop {
         // While the worker holds too many received messages, read nothing more; but poll now and
-        // then all the same, so rumqttc still sends its PINGREQ and a long database stall does
-        // not cost the connection (each such poll reads at most one more batch of packets).
+        // then all the same, which gives rumqttc a chance to send its PINGREQ during a long
+        // database stall (each such poll reads at most one more batch of packets).
         tokio::select! {
             _ = stop.notified() => break,
             room = tokio::time::timeout(config.keepalive / 2, emitter.buffered.wait_for_room()) => {
@@ -513,7 +523,11 @@ pub(super) async fn run_broker(
                     b.take_buffered(&client, id, &mut eventloop, &mut out);
                     // A connection lost while reads were paused says nothing about the rows
                     // in flight: the broker may have given up on a silent client.
-                    let paused = paused_at.is_some_and(|t| t.elapsed() < config.keepalive * 2);
+                    let blocked = *emitter.blocked_at.lock().unwrap_or_else(|p| p.into_inner());
+                    let paused = [paused_at, blocked]
+                        .into_iter()
+                        .flatten()
+                        .any(|t| t.elapsed() < config.keepalive * 2);
                     let suspect = b.oldest_unacknowledged().filter(|_| !paused);
                     b.connection_lost(&mut eventloop);
                     suspect
