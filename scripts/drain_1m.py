@@ -32,7 +32,6 @@ Every process it starts is stopped at the end (try/finally, also on Ctrl-C and S
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 import harness  # noqa: E402
-from harness import Mosquitto, PgCluster, tail, wait_for, wait_status  # noqa: E402
+from harness import Mosquitto, PgCluster, tail, wait_for  # noqa: E402
 
 DB = "drain"
 BROKER = "drain"

@@ -114,23 +114,6 @@ COMMENT ON FUNCTION @extschema@.mqtt_requeue_dead_letters(text) IS
 COMMENT ON FUNCTION @extschema@.mqtt_payload_text(bytea) IS
   'The payload as text when it is valid UTF-8 without NUL bytes, else NULL.';
 
--- Privileges. CREATE EXTENSION needs a superuser, so the superuser owns these tables; the
--- database's owner (Odoo's role, which is not a superuser) is the one who uses them: it may
--- configure brokers and topics directly, publish, and read and prune history. Nothing is
--- granted to PUBLIC; the owner grants more where it wants to.
-DO $grant$
-DECLARE
-    owner name := (SELECT pg_catalog.pg_get_userbyid(d.datdba) FROM pg_catalog.pg_database d
-                   WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
-BEGIN
-    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.mqtt_broker, @extschema@.mqtt_topic TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_outbox TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT, DELETE ON @extschema@.mqtt_message_history, @extschema@.mqtt_dead_letter TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.mqtt_message_history_text TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE @extschema@.mqtt_broker_id_seq, @extschema@.mqtt_topic_id_seq, @extschema@.mqtt_outbox_id_seq TO %I', owner);
-END
-$grant$;
-
 -- The configuration trigger wakes the worker on behalf of whoever edited the tables; the wake
 -- function itself is internal.
 -- PostgreSQL checks EXECUTE on a trigger function only at CREATE TRIGGER, so revoking it keeps
@@ -141,12 +124,23 @@ REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_id(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.mqtt_requeue_dead_letters(text) FROM PUBLIC;
+
+-- Privileges. CREATE EXTENSION needs a superuser, so the superuser owns these tables; the
+-- database's owner (Odoo's role, which is not a superuser) is the one who uses them: it may
+-- configure brokers and topics directly, publish, read and prune history, and requeue dead
+-- letters. Nothing is granted to PUBLIC (functions are revoked from it above); the owner grants
+-- more where it wants to.
 DO $grant$
 DECLARE
     owner name := (SELECT pg_catalog.pg_get_userbyid(d.datdba) FROM pg_catalog.pg_database d
                    WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
 BEGIN
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.mqtt_broker, @extschema@.mqtt_topic TO %I', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_outbox TO %I', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT, DELETE ON @extschema@.mqtt_message_history, @extschema@.mqtt_dead_letter TO %I', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.mqtt_message_history_text TO %I', owner);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint), @extschema@.mqtt_requeue_dead_letters(text) TO %I', owner);
+    EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE @extschema@.mqtt_broker_id_seq, @extschema@.mqtt_topic_id_seq, @extschema@.mqtt_outbox_id_seq TO %I', owner);
 END
 $grant$;
 

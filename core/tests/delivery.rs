@@ -31,20 +31,6 @@ fn payloads(events: &[Event]) -> Vec<String> {
         .collect()
 }
 
-/// Wait for a background mosquitto_pub to exit successfully.
-fn wait_publisher(publisher: &mut ChildGuard, timeout: Duration) {
-    let child = publisher.0.as_mut().unwrap();
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "mosquitto_pub did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(status.success(), "mosquitto_pub failed: {status}");
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. Manual acknowledgements on a persistent session
 // ---------------------------------------------------------------------------------------------
@@ -589,7 +575,7 @@ fn buffer_bound(qos: u8, tag: &str) {
         &["-l", "-q", &qos.to_string(), "-t", "eng/buf/x"],
         lines.into_bytes(),
     );
-    wait_publisher(&mut publisher, Duration::from_secs(30));
+    publisher.wait_success(Duration::from_secs(30));
     broker.wait_log(&format!("Sending PUBLISH to {cid} "), N);
     // The engine stops reading once it holds the limit.
     let taken = settled(

@@ -547,16 +547,7 @@ fn backpressure_5000() {
         lines.into_bytes(),
     );
     // Nobody drains while the publisher runs; once it is done the broker holds all 5,000.
-    let child = publisher.0.as_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "mosquitto_pub -l did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(status.success(), "mosquitto_pub -l failed: {status}");
+    publisher.wait_success(Duration::from_secs(20));
 
     // With manual acknowledgements the broker cannot tell what the engine has read; the
     // kernel can. The bytes the engine took off its socket must settle at what 16 event
@@ -1256,16 +1247,7 @@ fn stop_keeps_buffered_received_messages() {
             &["-l", "-q", "1", "-t", "eng/sbuf/x"],
             lines.into_bytes(),
         );
-        let child = publisher.0.as_mut().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "mosquitto_pub -l did not finish");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(status.success(), "mosquitto_pub -l failed: {status}");
+        publisher.wait_success(Duration::from_secs(20));
         // The broker has written everything, and the engine has stopped reading with more
         // than its 64 event slots taken off the socket.
         broker.wait_log(&sent, sent_before + N);

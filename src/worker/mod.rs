@@ -13,7 +13,7 @@ mod outbox;
 mod store;
 mod subxact;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -51,9 +51,6 @@ struct BrokerRuntime {
     /// How often each outbox row was the oldest unacknowledged one when a connection ended
     /// (see `Event::ConnectionLost::suspect`).
     strikes: HashMap<i64, u32>,
-    /// Rows the broker acknowledged whose move to history waits for a retry (see
-    /// `Worker::retry`): still in the outbox, but never to be sent again.
-    unrecorded: HashSet<i64>,
 }
 
 /// A row that was the oldest unacknowledged one this many times when the broker closed the
@@ -75,9 +72,7 @@ impl BrokerRuntime {
     }
 
     fn is_taken(&self, id: i64) -> bool {
-        self.in_flight.contains_key(&id)
-            || self.retired.contains_key(&id)
-            || self.unrecorded.contains(&id)
+        self.in_flight.contains_key(&id) || self.retired.contains_key(&id)
     }
 
     /// The current task is being replaced: its rows wait for its `Stopped`.
@@ -424,6 +419,15 @@ impl Worker {
         }
     }
 
+    /// The broker's connection is gone, for `error`.
+    fn mark_disconnected(&self, broker_id: i32, error: &str, now: i64) {
+        self.with_status(broker_id, |s| {
+            s.state = LinkState::Disconnected;
+            s.since_us = now;
+            s.set_error(error, now);
+        });
+    }
+
     /// Store one bounded batch of engine events in one transaction. Returns true when anything
     /// changed that may let more outbox rows go (a delivery, a new connection).
     fn process_events(&mut self) -> bool {
@@ -526,11 +530,7 @@ impl Worker {
                             }
                         }
                     }
-                    self.with_status(broker_id, |s| {
-                        s.state = LinkState::Disconnected;
-                        s.since_us = now;
-                        s.set_error(&error, now);
-                    });
+                    self.mark_disconnected(broker_id, &error, now);
                 }
                 Event::Failed { broker_id, error } => {
                     warning!("mqtt_pg broker {broker_id}: {error}");
@@ -539,11 +539,7 @@ impl Worker {
                         b.in_flight.clear();
                         b.subs.clear(); // the new task knows none yet
                     }
-                    self.with_status(broker_id, |s| {
-                        s.state = LinkState::Disconnected;
-                        s.since_us = now;
-                        s.set_error(&error, now);
-                    });
+                    self.mark_disconnected(broker_id, &error, now);
                     self.restart_failed = true;
                 }
                 Event::Warning { broker_id, error } => {
@@ -580,11 +576,8 @@ impl Worker {
                     batch.received.len(),
                     batch.delivered.len(),
                 );
-                for (broker_id, outbox_id, _) in &batch.delivered {
-                    if let Some(b) = self.brokers.get_mut(broker_id) {
-                        b.unrecorded.insert(*outbox_id);
-                    }
-                }
+                // Its delivered rows are still in the outbox; nothing is sent meanwhile (see
+                // `run`), so none of them goes out again.
                 self.retries += 1;
                 let delay = RETRY_AFTER * 2u32.pow(self.retries.min(5) - 1);
                 self.retry = Some((batch, Instant::now() + delay.min(RETRY_MAX)));
@@ -594,13 +587,7 @@ impl Worker {
         self.retries = 0;
         // Committed: now, and only now, the broker may forget these messages.
         self.engine.ack(outcome.acks);
-        for (broker_id, outbox_id, _) in &batch.delivered {
-            if let Some(b) = self.brokers.get_mut(broker_id) {
-                b.unrecorded.remove(outbox_id);
-            }
-        }
-        // Dead letters are counted from their table by mqtt_status.
-        for (broker_id, (received, sent, _dead)) in outcome.counts {
+        for (broker_id, (received, sent)) in outcome.counts {
             self.with_status(broker_id, |s| {
                 s.received += received;
                 s.sent += sent;

@@ -27,11 +27,12 @@ pub struct Batch {
     pub rejected: Vec<(i64, String)>,
 }
 
-/// What a stored batch changed: per broker (received, sent, dead-lettered), and the
-/// acknowledgements the broker may have once the transaction has committed.
+/// What a stored batch changed: per broker (received, sent), and the acknowledgements the
+/// broker may have once the transaction has committed. (Dead letters are counted from their
+/// table by mqtt_status.)
 #[derive(Default)]
 pub struct Outcome {
-    pub counts: HashMap<i32, (u64, u64, u64)>,
+    pub counts: HashMap<i32, (u64, u64)>,
     pub acks: Vec<Ack>,
 }
 
@@ -97,7 +98,6 @@ fn store_all(schema: &str, batch: &Batch) -> Outcome {
                         "mqtt_pg set a message received on topic \"{}\" aside in mqtt_dead_letter: {error}",
                         m.topic.replace('\0', "\u{FFFD}")
                     );
-                    outcome.counts.entry(m.broker_id).or_default().2 += 1;
                     outcome.acks.extend(m.ack);
                 }
                 // Not acknowledged: the broker sends it again (after a reconnect).
@@ -121,23 +121,13 @@ fn store_all(schema: &str, batch: &Batch) -> Outcome {
                        RETURNING o.*, u.error) \
                      INSERT INTO {schema}.mqtt_dead_letter \
                        (broker_id, topic, payload, qos, retain, direction, error) \
-                     SELECT broker_id, topic, payload, qos, retain, 'send', error FROM d \
-                     RETURNING broker_id"
+                     SELECT broker_id, topic, payload, qos, retain, 'send', error FROM d"
                 ),
                 None,
                 &[ids.into(), reasons.into()],
             );
-            match result {
-                Ok(rows) => {
-                    for r in rows {
-                        if let Ok(Some(b)) = r.get::<i32>(1) {
-                            outcome.counts.entry(b).or_default().2 += 1;
-                        }
-                    }
-                }
-                Err(e) => {
-                    error!("mqtt_pg could not move rejected messages to mqtt_dead_letter: {e}")
-                }
+            if let Err(e) = result {
+                error!("mqtt_pg could not move rejected messages to mqtt_dead_letter: {e}");
             }
         }
     });

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,10 @@ class Broker:
     client_id: str | None = None
 
 
-@pytest.fixture(scope="session")
-def pg():
-    """The session's cluster, with shared_preload_libraries = 'mqtt_pg' and the extension created."""
+@contextmanager
+def extension_cluster():
+    """A cluster with shared_preload_libraries = 'mqtt_pg' and the extension created in TEST_DB,
+    destroyed on exit."""
     cluster = PgCluster(preload=True, extra_conf=os.environ.get("MQTT_PG_TEST_PGCONF", "")).init()
     try:
         cluster.start()
@@ -52,6 +54,13 @@ def pg():
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """The session's cluster (see extension_cluster)."""
+    with extension_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

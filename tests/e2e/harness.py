@@ -634,6 +634,14 @@ def wait_ingesting(conn: psycopg.Connection, port: int, probe_topic: str, timeou
                 raise AssertionError(f"no probe on {probe_topic!r} was ingested within {timeout}s") from None
 
 
+def subscribe_ingesting(conn: psycopg.Connection, port: int, prefix: str, broker: str = "b",
+                        qos: int = 1) -> None:
+    """Subscribe `broker` to `{prefix}/#` and wait until a probe published on `{prefix}/probe`
+    is stored: the subscription is live."""
+    conn.execute("SELECT mqtt_subscribe(%s, %s, %s)", (f"{prefix}/#", qos, broker))
+    wait_ingesting(conn, port, f"{prefix}/probe")
+
+
 def serve_broker(conn: psycopg.Connection, port: int, broker: str = "b", timeout: float = 20) -> None:
     """In a database without mqtt_pg: CREATE EXTENSION, an active broker row for the mosquitto
     on `port`, and wait until the worker is connected to it."""

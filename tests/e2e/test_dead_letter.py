@@ -6,7 +6,15 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from harness import mosquitto_pub, mqtt_sub, serve_broker, table_counts, wait_for, wait_history, wait_ingesting
+from harness import (
+    mosquitto_pub,
+    mqtt_sub,
+    serve_broker,
+    subscribe_ingesting,
+    table_counts,
+    wait_for,
+    wait_history,
+)
 
 
 def dead_letters(conn, broker_id: int) -> list[dict]:
@@ -88,10 +96,9 @@ def test_received_message_the_database_refuses_is_set_aside(pg, conn, broker, mo
     """A trigger on the history table that fails for one message: that message goes to
     mqtt_dead_letter with the trigger's error, the others are stored, the worker survives; after
     the fix, requeueing stores it."""
-    conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/#", broker.name))
-    wait_ingesting(conn, mosq.port, f"{topic}/probe")
+    subscribe_ingesting(conn, mosq.port, topic, broker.name)
     workers = pg.worker_pids()
-    conn.execute(f"""
+    conn.execute("""
         CREATE FUNCTION public.e2e_refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF NEW.payload = 'poison'::bytea THEN
@@ -154,18 +161,33 @@ def test_requeue_of_a_dead_letter_whose_broker_is_gone(conn, make_broker, topic)
     conn.execute("DELETE FROM mqtt_dead_letter WHERE id = %s", (dead_id,))
 
 
+# The worker's WARNING each time the database refuses a batch for a passing reason.
+RETRY_LOG = "trying again in a moment"
+
+
+def retries_logged(pg) -> int:
+    return pg.log_text().count(RETRY_LOG)
+
+
+def db_with_lock_timeout(pg, mosq, scratch_db, topic: str, prefix: str, lock_timeout: str) -> str:
+    """A database of its own with `lock_timeout` set (the worker connects with it), broker 'b'
+    connected and `{topic}/in/#` ingesting at QoS 1."""
+    db = scratch_db(prefix)
+    with pg.connect() as admin:
+        admin.execute(f"ALTER DATABASE \"{db}\" SET lock_timeout = '{lock_timeout}'")
+    with pg.connect(db) as c:
+        serve_broker(c, mosq.port)
+        subscribe_ingesting(c, mosq.port, f"{topic}/in")
+    return db
+
+
 def test_passing_database_errors_are_retried_not_dead_lettered(pg, mosq, scratch_db, topic):
     """A lock timeout (or a cancel, a full disk) is about the moment, not the message: the batch
     is stored again later, whole, and nothing is set aside or acknowledged meanwhile. Here the
     database has lock_timeout = 300ms and the history table is locked for several timeouts."""
-    db = scratch_db("locktimeout")
-    with pg.connect() as admin:
-        admin.execute(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\'')
+    db = db_with_lock_timeout(pg, mosq, scratch_db, topic, "locktimeout", "300ms")
     with pg.connect(db) as c, pg.connect(db, autocommit=False) as locker:
-        serve_broker(c, mosq.port)
-        c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
-        wait_ingesting(c, mosq.port, f"{topic}/in/probe")
-        log_before = pg.log_text().count("trying again in a moment")
+        log_before = retries_logged(pg)
         with mqtt_sub(mosq.port, f"{topic}/out", qos=1) as sub:
             locker.execute("LOCK TABLE mqtt_message_history IN SHARE MODE")
             for i in range(5):
@@ -174,7 +196,7 @@ def test_passing_database_errors_are_retried_not_dead_lettered(pg, mosq, scratch
                       (f"{topic}/out",))
             # Several lock timeouts and retries go by while the lock is held (meanwhile nothing
             # new goes out either: the worker is busy with the batch it owes the database).
-            wait_for(lambda: pg.log_text().count("trying again in a moment") >= log_before + 3, timeout=20,
+            wait_for(lambda: retries_logged(pg) >= log_before + 3, timeout=20,
                      message="the worker retrying its batch")
             assert c.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
             locker.rollback()
@@ -197,19 +219,14 @@ def test_worker_stops_promptly_while_retrying(pg, mosq, scratch_db, topic):
     """A batch the database keeps refusing never holds the worker: SIGTERM (pg_terminate_backend,
     DROP DATABASE, server shutdown) ends it at once. Nothing of the dropped batch was
     acknowledged, so its successor gets every message again."""
-    db = scratch_db("retrystop")
-    with pg.connect() as admin:
-        admin.execute(f'ALTER DATABASE "{db}" SET lock_timeout = \'200ms\'')
+    db = db_with_lock_timeout(pg, mosq, scratch_db, topic, "retrystop", "200ms")
     with pg.connect(db) as c, pg.connect(db, autocommit=False) as locker:
-        serve_broker(c, mosq.port)
-        c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
-        wait_ingesting(c, mosq.port, f"{topic}/in/probe")
         [worker] = pg.worker_pids(db)
-        log_before = pg.log_text().count("trying again in a moment")
+        log_before = retries_logged(pg)
         locker.execute("LOCK TABLE mqtt_message_history IN SHARE MODE")
         for i in range(5):
             mosquitto_pub(mosq.port, f"{topic}/in/x", f"in{i}", qos=1)
-        wait_for(lambda: pg.log_text().count("trying again in a moment") > log_before, timeout=20,
+        wait_for(lambda: retries_logged(pg) > log_before, timeout=20,
                  message="the worker retrying its batch")
         c.execute("SELECT pg_terminate_backend(%s)", (worker,))
         wait_for(lambda: worker not in pg.worker_pids(db), timeout=3, interval=0.05,

@@ -22,11 +22,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from conftest import TEST_DB
+from conftest import TEST_DB, extension_cluster
 from harness import (
     HOST,
     PersistentSub,
-    PgCluster,
     SeqPublisher,
     SeqReport,
     TcpSink,
@@ -36,6 +35,7 @@ from harness import (
     mqtt_sub,
     seq_of,
     seq_payload,
+    subscribe_ingesting,
     summarize_ms,
     vm_rss_kb,
     wait_for,
@@ -51,15 +51,8 @@ from harness import (
 @pytest.fixture(scope="module")
 def pg():
     """A cluster of this module's own (overrides conftest's session cluster for this module)."""
-    cluster = PgCluster(preload=True, extra_conf=os.environ.get("MQTT_PG_TEST_PGCONF", "")).init()
-    try:
-        cluster.start()
-        cluster.create_database(TEST_DB)
-        with cluster.connect(TEST_DB) as c:
-            c.execute("CREATE EXTENSION mqtt_pg")
+    with extension_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 # Tests that kill the worker themselves; in every other test the server log must show no crash.
@@ -297,8 +290,7 @@ def test_incoming_10000_qos1_through_broker_restart(pg, conn, make_broker, pmosq
     n = 10_000
     t = f"{topic}/in/data"
     b = make_broker(port=pmosq.port, reconnect_min_ms=5000, reconnect_max_ms=6000)
-    conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/in/#", b.name))
-    wait_ingesting(conn, pmosq.port, f"{topic}/in/probe")
+    subscribe_ingesting(conn, pmosq.port, f"{topic}/in", b.name)
 
     pub = closing(SeqPublisher(pmosq.port).connect())
     th = publish_in_thread(pub, t, n, chunk=500, pause=0.05)
@@ -329,8 +321,7 @@ def test_listener_away_messages_arrive_after_server_start(pg, make_broker, fresh
     t = f"{topic}/away"
     b = make_broker(port=fresh_mosq.port)
     with pg.connect(TEST_DB) as c:
-        c.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/#", b.name))
-        wait_ingesting(c, fresh_mosq.port, f"{topic}/probe")
+        subscribe_ingesting(c, fresh_mosq.port, f"{topic}", b.name)
     pg.stop("fast")
     wait_for(lambda: fresh_mosq.disconnections_of(b.client_id) >= 1, timeout=20,
              message="the listener to leave the broker")
@@ -358,8 +349,7 @@ def test_sigkill_worker_during_ingest(pg, make_broker, fresh_mosq, topic, closin
     t = f"{topic}/in/data"
     b = make_broker(port=fresh_mosq.port)
     with pg.connect(TEST_DB) as c:
-        c.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/in/#", b.name))
-        wait_ingesting(c, fresh_mosq.port, f"{topic}/in/probe")
+        subscribe_ingesting(c, fresh_mosq.port, f"{topic}/in", b.name)
         postmaster = pg.postmaster_pid()
         pub = closing(SeqPublisher(fresh_mosq.port).connect())
         th = publish_in_thread(pub, t, n, chunk=1000, pause=0.05)
@@ -443,8 +433,7 @@ def test_server_restart_with_rows_queued_while_broker_down(pg, make_broker, pmos
     t_out, t_in = f"{topic}/out", f"{topic}/in"
     b = make_broker(port=pmosq.port)
     with pg.connect(TEST_DB) as c:
-        c.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{t_in}/#", b.name))
-        wait_ingesting(c, pmosq.port, f"{t_in}/probe")
+        subscribe_ingesting(c, pmosq.port, f"{t_in}", b.name)
     sub = closing(PersistentSub(pmosq.port).connect().subscribe(t_out, 1))
     pmosq.stop()
     with pg.connect(TEST_DB) as c:
@@ -493,8 +482,7 @@ def test_acknowledged_only_once_durable_even_with_synchronous_commit_off(pg, fre
             c.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b', %s, %s, true)",
                       (HOST, fresh_mosq.port))
             wait_status(c, "b", "connected")
-            c.execute("SELECT mqtt_subscribe(%s, 1, 'b')", (f"{topic}/in/#",))
-            wait_ingesting(c, fresh_mosq.port, f"{topic}/in/probe")
+            subscribe_ingesting(c, fresh_mosq.port, f"{topic}/in")
             pub = closing(SeqPublisher(fresh_mosq.port).connect())
             pub.publish_seq(t, range(1, n + 1))
             pub.wait_all_acked()
@@ -529,8 +517,7 @@ def test_memory_stays_bounded_while_history_is_locked(pg, conn, connect, make_br
     n, size = 250_000, 1024
     t = f"{topic}/mem/data"
     b = make_broker(port=fresh_mosq.port)
-    conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/mem/#", b.name))
-    wait_ingesting(conn, fresh_mosq.port, f"{topic}/mem/probe")
+    subscribe_ingesting(conn, fresh_mosq.port, f"{topic}/mem", b.name)
     pid = wait_for(lambda: worker_pid(pg), message="the worker's pid")
     baseline = vm_rss_kb(pid)
     pub = closing(SeqPublisher(fresh_mosq.port).connect())
@@ -603,8 +590,7 @@ def test_broken_broker_does_not_delay_the_other(conn, connect, make_broker, mosq
                  (f"{topic}/dead", dead.name))
 
     good = make_broker(port=mosq.port)
-    conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/in/#", good.name))
-    wait_ingesting(conn, mosq.port, f"{topic}/in/probe")
+    subscribe_ingesting(conn, mosq.port, f"{topic}/in", good.name)
     sub = closing(mqtt_sub(mosq.port, f"{topic}/out", qos=1))
     writer = connect()
 
@@ -685,8 +671,7 @@ def test_reconnect_backoff_no_hot_loop_and_status(conn, make_broker, fresh_mosq,
     incremented, subscribed again."""
     min_ms, max_ms, window = 200, 2000, 5.0
     b = make_broker(port=fresh_mosq.port, reconnect_min_ms=min_ms, reconnect_max_ms=max_ms)
-    conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/#", b.name))
-    wait_ingesting(conn, fresh_mosq.port, f"{topic}/probe")
+    subscribe_ingesting(conn, fresh_mosq.port, f"{topic}", b.name)
     before = broker_status(conn, b.name)["reconnects"]
 
     port = fresh_mosq.port

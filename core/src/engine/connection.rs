@@ -385,11 +385,25 @@ pub(super) struct Emitter {
     pub(super) events: mpsc::Sender<Tagged>,
     pub(super) waker: Waker,
     pub(super) buffered: Arc<Buffered>,
-    /// When a send last had to wait for room in the channel (the worker is not draining).
-    pub(super) blocked_at: Arc<Mutex<Option<Instant>>>,
+    /// When reads were last held back because the worker was not draining: a send waited for
+    /// room in the channel, or the received bytes stayed over their limit for a while.
+    pub(super) paused_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Emitter {
+    fn note_pause(&self) {
+        *self.paused_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether reads were held back recently enough that the broker may have given up on a
+    /// silent client.
+    fn paused_within(&self, window: Duration) -> bool {
+        self.paused_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < window)
+    }
+
     /// Send events to the worker. A full channel parks the caller here, which stops reads from
     /// the socket: that is the backpressure that keeps memory flat when the database falls
     /// behind. False once the engine is gone.
@@ -404,7 +418,7 @@ impl Emitter {
                 Err(mpsc::error::TrySendError::Closed(_)) => return false,
             };
             if let Some(ev) = ev {
-                *self.blocked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                self.note_pause();
                 if self.events.send(ev).await.is_err() {
                     return false;
                 }
@@ -483,8 +497,6 @@ pub(super) async fn run_broker(
     // Poll task (this one).
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let mut connected_at: Option<Instant> = None;
-    // When reads were last held back for longer than half the keep-alive.
-    let mut paused_at: Option<Instant> = None;
     let mut out = vec![Event::Connecting { broker_id: id }];
     emitter.emit_all(&mut out).await;
     loop {
@@ -495,7 +507,7 @@ pub(super) async fn run_broker(
             _ = stop.notified() => break,
             room = tokio::time::timeout(config.keepalive / 2, emitter.buffered.wait_for_room()) => {
                 if room.is_err() {
-                    paused_at = Some(Instant::now());
+                    emitter.note_pause();
                 }
             }
         }
@@ -523,11 +535,7 @@ pub(super) async fn run_broker(
                     b.take_buffered(&client, id, &mut eventloop, &mut out);
                     // A connection lost while reads were paused says nothing about the rows
                     // in flight: the broker may have given up on a silent client.
-                    let blocked = *emitter.blocked_at.lock().unwrap_or_else(|p| p.into_inner());
-                    let paused = [paused_at, blocked]
-                        .into_iter()
-                        .flatten()
-                        .any(|t| t.elapsed() < config.keepalive * 2);
+                    let paused = emitter.paused_within(config.keepalive * 2);
                     let suspect = b.oldest_unacknowledged().filter(|_| !paused);
                     b.connection_lost(&mut eventloop);
                     suspect

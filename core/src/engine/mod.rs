@@ -354,7 +354,7 @@ impl Engine {
                     events: self.events_tx.clone(),
                     waker: self.waker.clone(),
                     buffered: self.buffered.clone(),
-                    blocked_at: Arc::default(),
+                    paused_at: Arc::default(),
                 },
             );
             // Supervise the task: a panic must not leave the broker silently unserved.

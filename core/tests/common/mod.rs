@@ -373,26 +373,18 @@ impl FlakyBroker {
 
     /// Read one CONNECT, answer CONNACK (accepted, no session), close.
     fn serve(mut stream: TcpStream) -> std::io::Result<()> {
-        use std::io::Read as _;
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut b = [0u8; 1];
-        stream.read_exact(&mut b)?;
-        if b[0] != 0x10 {
-            return Err(std::io::Error::other(format!("not a CONNECT: {:#x}", b[0])));
-        }
-        // Remaining length: a variable byte integer.
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            stream.read_exact(&mut b)?;
-            len |= usize::from(b[0] & 0x7f) << shift;
-            shift += 7;
-            if b[0] & 0x80 == 0 {
-                break;
+        match read_raw(&mut stream)? {
+            Some(p) if p.header == 0x10 => {}
+            Some(p) => {
+                return Err(std::io::Error::other(format!(
+                    "not a CONNECT: {:#x}",
+                    p.header
+                )))
             }
+            None => return Err(std::io::ErrorKind::TimedOut.into()),
         }
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body)?;
         stream.write_all(&[0x20, 0x02, 0x00, 0x00])?;
         stream.flush()?;
         stream.shutdown(std::net::Shutdown::Both)
@@ -420,6 +412,20 @@ impl Drop for ChildGuard {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl ChildGuard {
+    /// Wait for the process to exit; panics unless it succeeds within `timeout`.
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let child = self.0.as_mut().expect("process already reaped");
+        let mut status = None;
+        wait_until("a background process to exit", timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        let status = status.unwrap();
+        assert!(status.success(), "background process failed: {status}");
     }
 }
 
