@@ -84,6 +84,130 @@ BEGIN
 END
 $$;
 
+-- API: Private. Broker secrets are write-only (see src/security/secrets.rs). PostgreSQL fires
+-- BEFORE triggers in name order: the two UPDATE OF triggers run only when their column is
+-- assigned (so SET host = ... leaves the password alone, SET password = NULL clears it), and
+-- the check runs last, on every write.
+CREATE FUNCTION @extschema@._mqtt_broker_password_set() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.password IS NULL THEN
+        NEW.password_sealed := NULL;
+    ELSE
+        NEW.password_sealed := @extschema@._mqtt_seal_password(NEW.password, NEW.host, NEW.port,
+                                                               NEW.username, NEW.tls_server_name);
+        NEW.password := NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION @extschema@._mqtt_broker_client_key_set() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.client_key IS NULL THEN
+        NEW.client_key_sealed := NULL;
+    ELSE
+        NEW.client_key_sealed := @extschema@._mqtt_seal_client_key(NEW.client_key);
+        NEW.client_key := NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION @extschema@._mqtt_broker_check() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        -- A restored dump inserts password_sealed as it was: it opens only on the server
+        -- that sealed it, for the same endpoint.
+        IF NEW.password IS NOT NULL THEN
+            NEW.password_sealed := @extschema@._mqtt_seal_password(NEW.password, NEW.host, NEW.port,
+                                                                   NEW.username, NEW.tls_server_name);
+            NEW.password := NULL;
+        END IF;
+        IF NEW.client_key IS NOT NULL THEN
+            NEW.client_key_sealed := @extschema@._mqtt_seal_client_key(NEW.client_key);
+            NEW.client_key := NULL;
+        END IF;
+    ELSIF NEW.password_sealed IS NOT NULL
+          AND NEW.password_sealed IS NOT DISTINCT FROM OLD.password_sealed
+          AND (NEW.host, NEW.port, NEW.username, NEW.tls_server_name) IS DISTINCT FROM
+              (OLD.host, OLD.port, OLD.username, OLD.tls_server_name) THEN
+        -- The password is bound to where it is sent: pointing the row elsewhere must not
+        -- carry it along (that would let whoever edits the row, but may not read the
+        -- password, receive it at a broker of their own).
+        NEW.password_sealed := NULL;
+        RAISE NOTICE 'the password of MQTT broker "%" was cleared because host, port, username or tls_server_name changed', NEW.name
+            USING HINT = 'Set it again in the same UPDATE: UPDATE mqtt_broker SET host = ..., password = ... WHERE name = ...';
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'
+       OR NEW.ca_cert IS DISTINCT FROM OLD.ca_cert
+       OR NEW.client_cert IS DISTINCT FROM OLD.client_cert
+       OR NEW.will_topic IS DISTINCT FROM OLD.will_topic THEN
+        PERFORM @extschema@._mqtt_check_broker(NEW.ca_cert, NEW.client_cert, NEW.will_topic);
+    END IF;
+    IF (NEW.client_cert IS NULL) OPERATOR(pg_catalog.<>) (NEW.client_key_sealed IS NULL) THEN
+        RAISE EXCEPTION 'mqtt_broker.client_cert and client_key must be set together (broker "%")', NEW.name
+            USING ERRCODE = '22023',
+                  HINT = 'Set both for mutual TLS, or neither: UPDATE mqtt_broker SET client_cert = ..., client_key = ... WHERE name = ...';
+    END IF;
+    IF NEW.will_topic IS NULL AND (NEW.will_payload IS NOT NULL OR NEW.birth_payload IS NOT NULL) THEN
+        RAISE EXCEPTION 'mqtt_broker.will_payload and birth_payload need a will_topic (broker "%")', NEW.name
+            USING ERRCODE = '22023', HINT = 'Set will_topic, for example ''devices/odoo/status''.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER mqtt_broker_1_password BEFORE UPDATE OF password ON @extschema@.mqtt_broker
+FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_password_set();
+CREATE TRIGGER mqtt_broker_2_client_key BEFORE UPDATE OF client_key ON @extschema@.mqtt_broker
+FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_client_key_set();
+CREATE TRIGGER mqtt_broker_3_check BEFORE INSERT OR UPDATE ON @extschema@.mqtt_broker
+FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_check();
+
+-- API: Private. Subscriptions written directly into mqtt_topic (as an Odoo model would) need
+-- the same rule as mqtt_subscribe. SECURITY INVOKER on purpose: the rule checked is the
+-- writer's. mqtt_subscribe itself writes as the extension owner, after its own check.
+CREATE FUNCTION @extschema@._mqtt_topic_check() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.subscribe AND NEW.active THEN
+        PERFORM @extschema@._mqtt_require_subscribe(NEW.name);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF name, subscribe, active ON @extschema@.mqtt_topic
+FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_topic_check();
+
+-- API: Private. A rule written in this transaction applies to its next publish.
+CREATE FUNCTION @extschema@._mqtt_access_changed_trigger() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @extschema@._mqtt_access_changed();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER mqtt_access_control_changed
+AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON @extschema@.mqtt_access_control
+FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._mqtt_access_changed_trigger();
+
+-- API: Private. Restoring a dump into a database where CREATE EXTENSION has just made its
+-- owner rule (id 1): the dumped rule 1 takes its place instead of failing on the key.
+CREATE FUNCTION @extschema@._mqtt_access_restore() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM @extschema@.mqtt_access_control a
+    WHERE a.id OPERATOR(pg_catalog.=) NEW.id
+      AND a.description OPERATOR(pg_catalog.=) 'made by CREATE EXTENSION mqtt_pg';
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER mqtt_access_control_restore BEFORE INSERT ON @extschema@.mqtt_access_control
+FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_access_restore();
+
 CREATE TRIGGER mqtt_broker_changed
 AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON @extschema@.mqtt_broker
 FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._mqtt_pg_config_changed();
@@ -111,6 +235,8 @@ COMMENT ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint) IS
   'Move a dead letter back: outgoing to the end of mqtt_outbox (sent at commit), received into mqtt_message_history. Returns the new row id.';
 COMMENT ON FUNCTION @extschema@.mqtt_requeue_dead_letters(text) IS
   'Requeue every dead letter of a broker (NULL: the default broker), oldest first; returns how many.';
+COMMENT ON FUNCTION @extschema@.mqtt_check_permission(text, text, text) IS
+  'The mqtt_access_control decision: may role publish to (operation ''publish'') or subscribe to (''subscribe'') topic?';
 COMMENT ON FUNCTION @extschema@.mqtt_payload_text(bytea) IS
   'The payload as text when it is valid UTF-8 without NUL bytes, else NULL.';
 
@@ -122,27 +248,56 @@ ALTER FUNCTION @extschema@._mqtt_pg_config_changed() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_config_changed() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_id(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_password(text, text, integer, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_client_key(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_check_broker(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_password_set() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_client_key_set() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_check() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_access_restore() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_access_changed_trigger() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_topic_check() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.mqtt_requeue_dead_letters(text) FROM PUBLIC;
 
 -- Privileges. CREATE EXTENSION needs a superuser, so the superuser owns these tables; the
--- database's owner (Odoo's role, which is not a superuser) is the one who uses them: it may
--- configure brokers and topics directly, publish, read and prune history, and requeue dead
--- letters. Nothing is granted to PUBLIC (functions are revoked from it above); the owner grants
--- more where it wants to.
+-- database's owner (Odoo's role, which is not a superuser) administers them: it configures
+-- brokers, topics and access rules directly, reads and prunes history, requeues dead letters,
+-- and can dump and restore all of it with pg_dump (hence INSERT everywhere and SELECT, UPDATE
+-- on the sequences, which a restore's setval needs). It may write the secret columns but reads
+-- only their sealed form, and may not touch that form (nor the generated has_* flags). It has
+-- one access rule, '#' both ways, which it can narrow. Nothing is granted to PUBLIC: other
+-- roles publish and subscribe through their rules, and get table privileges from the owner,
+-- who holds its privileges WITH GRANT OPTION for that.
 DO $grant$
 DECLARE
     owner name := (SELECT pg_catalog.pg_get_userbyid(d.datdba) FROM pg_catalog.pg_database d
                    WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
+    writable text := (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum)
+                      FROM pg_catalog.pg_attribute a
+                      WHERE a.attrelid OPERATOR(pg_catalog.=) '@extschema@.mqtt_broker'::pg_catalog.regclass
+                        AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                        AND a.attgenerated OPERATOR(pg_catalog.=) ''
+                        AND a.attname OPERATOR(pg_catalog.<>) ALL (ARRAY['password_sealed', 'client_key_sealed']::pg_catalog.name[]));
 BEGIN
-    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.mqtt_broker, @extschema@.mqtt_topic TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_outbox TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT, DELETE ON @extschema@.mqtt_message_history, @extschema@.mqtt_dead_letter TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.mqtt_message_history_text TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint), @extschema@.mqtt_requeue_dead_letters(text) TO %I', owner);
-    EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE @extschema@.mqtt_broker_id_seq, @extschema@.mqtt_topic_id_seq, @extschema@.mqtt_outbox_id_seq TO %I', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_broker TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT UPDATE (%s) ON @extschema@.mqtt_broker TO %I WITH GRANT OPTION', writable, owner);
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.mqtt_topic, @extschema@.mqtt_access_control TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_outbox, @extschema@.mqtt_message_history, @extschema@.mqtt_dead_letter TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.mqtt_message_history_text TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint), @extschema@.mqtt_requeue_dead_letters(text) TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT USAGE, SELECT, UPDATE ON SEQUENCE @extschema@.mqtt_broker_id_seq, @extschema@.mqtt_topic_id_seq, '
+                              '@extschema@.mqtt_outbox_id_seq, @extschema@.mqtt_message_history_id_seq, '
+                              '@extschema@.mqtt_dead_letter_id_seq, @extschema@.mqtt_access_control_id_seq TO %I WITH GRANT OPTION', owner);
+    INSERT INTO @extschema@.mqtt_access_control (role_name, topic_filter, allow_publish, allow_subscribe, description)
+    VALUES (owner, '#', true, true, 'made by CREATE EXTENSION mqtt_pg');
 END
 $grant$;
+
+-- pg_dump writes COMMENT ON EXTENSION for an extension with a comment, and only the
+-- extension's owner (a superuser) may run it: an Odoo restore made as the database owner would
+-- stop on that line. pg_available_extensions keeps the control file's description.
+COMMENT ON EXTENSION mqtt_pg IS NULL;
 
 -- A worker for this database starts once this transaction commits.
 SELECT @extschema@._mqtt_pg_wake(2);

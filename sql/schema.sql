@@ -9,11 +9,23 @@ CREATE TABLE @extschema@.mqtt_broker (
     host             text NOT NULL CHECK (host <> ''),
     port             integer NOT NULL DEFAULT 1883 CHECK (port BETWEEN 1 AND 65535),
     username         text,
-    password         text,
+    -- Write-only: a trigger seals what is written here into password_sealed and leaves NULL.
+    password         text CHECK (password IS NULL),
     use_tls          boolean NOT NULL DEFAULT false,
+    tls_server_name  text CHECK (tls_server_name <> ''),
     ca_cert          text,
     client_cert      text,
-    client_key       text,
+    -- Write-only, like password.
+    client_key       text CHECK (client_key IS NULL),
+    password_sealed   bytea,
+    client_key_sealed bytea,
+    has_password     boolean GENERATED ALWAYS AS (password_sealed IS NOT NULL) STORED,
+    has_client_key   boolean GENERATED ALWAYS AS (client_key_sealed IS NOT NULL) STORED,
+    will_topic       text CHECK (will_topic <> ''),
+    will_payload     text,
+    will_qos         smallint NOT NULL DEFAULT 0 CHECK (will_qos BETWEEN 0 AND 2),
+    will_retain      boolean NOT NULL DEFAULT false,
+    birth_payload    text,
     client_id        text CHECK (client_id <> ''),
     keepalive        integer NOT NULL DEFAULT 60 CHECK (keepalive BETWEEN 5 AND 65535),
     clean_session    boolean NOT NULL DEFAULT false,
@@ -31,9 +43,21 @@ CREATE UNIQUE INDEX mqtt_broker_one_default ON @extschema@.mqtt_broker (is_defau
 COMMENT ON TABLE @extschema@.mqtt_broker IS
   'MQTT broker connections. active = true means the worker keeps a connection (survives restarts); see mqtt_start_listener().';
 COMMENT ON COLUMN @extschema@.mqtt_broker.name IS 'Unique name, passed as the broker argument of every mqtt_* function.';
-COMMENT ON COLUMN @extschema@.mqtt_broker.password IS 'Broker password (secret).';
-COMMENT ON COLUMN @extschema@.mqtt_broker.use_tls IS 'Connect with TLS (not supported by this version: the broker then reports an error).';
-COMMENT ON COLUMN @extschema@.mqtt_broker.client_key IS 'PEM client key for mutual TLS (secret).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.password IS 'Broker password: write-only (UPDATE ... SET password = ''...''; NULL clears it). Reads give NULL; see has_password.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.use_tls IS 'Connect with TLS, verifying the broker against ca_cert (or the system''s CA certificates when NULL) and its host name.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.tls_server_name IS 'Name the broker''s certificate is checked against (NULL: host); for brokers reached by IP address.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.ca_cert IS 'PEM CA certificate(s) that signed the broker''s certificate (NULL: the system''s CA certificates).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.client_cert IS 'PEM client certificate for mutual TLS (set together with client_key).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.client_key IS 'PEM client key for mutual TLS: write-only (reads give NULL; see has_client_key).';
+COMMENT ON COLUMN @extschema@.mqtt_broker.password_sealed IS 'The password sealed with this server''s key, bound to host, port, username and tls_server_name: unreadable elsewhere, kept by pg_dump.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.client_key_sealed IS 'The client key sealed with this server''s key.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.has_password IS 'A password is set.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.has_client_key IS 'A client key is set.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.will_topic IS 'Last Will topic: the broker publishes will_payload there when the connection dies without a clean disconnect.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.will_payload IS 'Last Will payload (for example ''offline'').';
+COMMENT ON COLUMN @extschema@.mqtt_broker.will_qos IS 'QoS of the will and of the birth message.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.will_retain IS 'Retain the will and the birth message, so the topic always says online or offline.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.birth_payload IS 'Published to will_topic after every connect (for example ''online'').';
 COMMENT ON COLUMN @extschema@.mqtt_broker.client_id IS 'MQTT client id; NULL means a stable id derived from cluster, database and broker.';
 COMMENT ON COLUMN @extschema@.mqtt_broker.keepalive IS 'MQTT keep-alive, seconds.';
 COMMENT ON COLUMN @extschema@.mqtt_broker.clean_session IS 'false (default): a persistent session, so the broker keeps subscriptions and queues QoS 1/2 messages while the listener is away; true: start afresh on every connect.';
@@ -66,6 +90,24 @@ COMMENT ON COLUMN @extschema@.mqtt_topic.qos IS 'Subscription QoS (0, 1 or 2).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.subscribe IS 'Subscribe to this filter while the broker is active.';
 COMMENT ON COLUMN @extschema@.mqtt_topic.handler IS 'Reserved: function to route received messages to (not used by this version).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.target_table IS 'Reserved: table to route received messages to (not used by this version).';
+
+-- API: Public
+CREATE TABLE @extschema@.mqtt_access_control (
+    id              serial PRIMARY KEY,
+    role_name       text NOT NULL CHECK (role_name <> ''),
+    topic_filter    text NOT NULL CHECK (topic_filter <> ''),
+    allow_publish   boolean NOT NULL DEFAULT false,
+    allow_subscribe boolean NOT NULL DEFAULT false,
+    description     text,
+    create_date     timestamptz NOT NULL DEFAULT now(),
+    write_date      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE @extschema@.mqtt_access_control IS
+  'Which roles may publish to and subscribe to which topic filters. A rule for a role applies to the roles that inherit its privileges; role_name ''public'' applies to every role. No matching rule: denied (superusers are not checked).';
+COMMENT ON COLUMN @extschema@.mqtt_access_control.role_name IS 'Role the rule is for (its members included), or ''public'' for every role.';
+COMMENT ON COLUMN @extschema@.mqtt_access_control.topic_filter IS 'MQTT topic filter (+ and # wildcards) the rule covers.';
+COMMENT ON COLUMN @extschema@.mqtt_access_control.allow_publish IS 'The role may mqtt_publish to topics matching the filter.';
+COMMENT ON COLUMN @extschema@.mqtt_access_control.allow_subscribe IS 'The role may subscribe to filters that the rule''s filter covers.';
 
 -- API: Public
 CREATE TABLE @extschema@.mqtt_message_history (
@@ -132,6 +174,8 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_broker', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_broker_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_topic', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_topic_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_access_control', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_access_control_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_outbox_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.mqtt_message_history', '');

@@ -8,8 +8,8 @@ use pgrx::spi::quote_identifier;
 use crate::errors;
 
 thread_local! {
-    /// (extension oid, quoted schema). Keyed by oid so a DROP/CREATE EXTENSION is noticed.
-    static SCHEMA: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
+    /// (extension oid, quoted schema, owner). Keyed by oid so a DROP/CREATE EXTENSION is noticed.
+    static SCHEMA: RefCell<Option<(pg_sys::Oid, String, pg_sys::Oid)>> = const { RefCell::new(None) };
 }
 
 /// The quoted schema mqtt_pg is installed in, for building schema-qualified SQL: a caller's
@@ -20,29 +20,45 @@ pub fn extension_schema() -> Option<String> {
 
 /// The extension's oid and quoted schema, if it is installed in this database.
 pub fn extension() -> Option<(pg_sys::Oid, String)> {
+    cached().map(|(oid, schema, _)| (oid, schema))
+}
+
+/// The role that owns the extension (and so its tables): the superuser who created it.
+pub fn extension_owner() -> pg_sys::Oid {
+    cached().map_or_else(
+        || {
+            errors::raise(
+                errors::NOT_IN_PREREQUISITE_STATE,
+                "extension \"mqtt_pg\" is not installed in this database",
+                Some("Run CREATE EXTENSION mqtt_pg;"),
+            )
+        },
+        |(_, _, owner)| owner,
+    )
+}
+
+fn cached() -> Option<(pg_sys::Oid, String, pg_sys::Oid)> {
     // SAFETY: get_extension_oid only reads the catalog; missing_ok = true never raises.
     let oid = unsafe { pg_sys::get_extension_oid(c"mqtt_pg".as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
         return None;
     }
-    if let Some(s) = SCHEMA.with(|c| {
-        c.borrow()
-            .as_ref()
-            .and_then(|(o, s)| (*o == oid).then(|| s.clone()))
-    }) {
-        return Some((oid, s));
+    if let Some(hit) = SCHEMA.with(|c| c.borrow().as_ref().filter(|(o, _, _)| *o == oid).cloned()) {
+        return Some(hit);
     }
-    let name: Option<String> = Spi::get_one_with_args(
-        "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
+    let row = Spi::get_two_with_args::<String, pg_sys::Oid>(
+        "SELECT n.nspname::text, e.extowner FROM pg_catalog.pg_extension e \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
          WHERE e.oid OPERATOR(pg_catalog.=) $1",
         &[oid.into()],
     )
-    .ok()
-    .flatten();
-    let quoted = quote_identifier(name?);
-    SCHEMA.with(|c| *c.borrow_mut() = Some((oid, quoted.clone())));
-    Some((oid, quoted))
+    .ok()?;
+    let (Some(name), Some(owner)) = row else {
+        return None;
+    };
+    let hit = (oid, quote_identifier(name), owner);
+    SCHEMA.with(|c| *c.borrow_mut() = Some(hit.clone()));
+    Some(hit)
 }
 
 /// The schema, or an error saying the extension is not installed in this database.

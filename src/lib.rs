@@ -9,6 +9,7 @@ mod ddl;
 mod errors;
 mod gucs;
 mod launcher;
+mod security;
 mod shmem;
 mod wake;
 mod worker;

@@ -2,8 +2,11 @@
 //! and the engine that owns the broker connections (rumqttc on tokio). Nothing here links
 //! against PostgreSQL, so `cargo test -p mqtt_pg_core` covers it in seconds.
 
+pub mod acl;
 pub mod backoff;
 pub mod batch;
 pub mod client_id;
 pub mod engine;
+pub mod secret;
+pub mod tls;
 pub mod topic;

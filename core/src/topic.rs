@@ -621,4 +621,415 @@ mod tests {
         assert_eq!(e.to_string(), "topic must not be empty");
         assert!(e.source().is_none());
     }
+
+    // ---- properties against a reference implementation --------------------
+    //
+    // The reference below is written from MQTT 3.1.1 section 4.7 (and MQTT 5.0 4.8.2 for
+    // `$share`) as plainly as possible, and deliberately not in the style of the code above:
+    // validity is a predicate per level, and matching compares whole level lists instead of
+    // walking two iterators. The generators draw from a small alphabet ('/', '+', '#', '$',
+    // empty levels, NUL, multi-byte UTF-8), so that equal levels, wildcards in odd places and
+    // `$` topics turn up in most cases.
+
+    use proptest::prelude::*;
+    use proptest::test_runner::RngSeed;
+
+    /// Runs are reproducible: the same cases every time, unless PROPTEST_RNG_SEED picks others.
+    fn config(cases: u32) -> ProptestConfig {
+        let seed = std::env::var("PROPTEST_RNG_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x6d71_7474_5f70_6721);
+        ProptestConfig {
+            cases,
+            rng_seed: RngSeed::Fixed(seed),
+            // A failure prints its shrunk input; no regression file next to the sources.
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn ref_common_ok(s: &str) -> bool {
+        !s.is_empty() && s.len() <= 65_535 && !s.chars().any(|c| c == '\u{0}')
+    }
+
+    /// MQTT 3.1.1 4.7.3 and 3.3.2-2: non-empty, at most 65,535 bytes, no NUL, no wildcard.
+    fn ref_topic_ok(t: &str) -> bool {
+        ref_common_ok(t) && !t.chars().any(|c| c == '+' || c == '#')
+    }
+
+    /// The filter inside a `$share/GROUP/FILTER`, the whole string otherwise; `None` for a
+    /// malformed shared subscription (MQTT 5.0 4.8.2: GROUP non-empty and free of '/', '+',
+    /// '#', followed by '/' and a filter).
+    fn ref_inner(f: &str) -> Option<&str> {
+        if !f.starts_with("$share/") {
+            return Some(f);
+        }
+        let parts: Vec<&str> = f.splitn(3, '/').collect();
+        if parts.len() != 3 {
+            return None;
+        }
+        let (group, inner) = (parts[1], parts[2]);
+        let group_ok = !group.is_empty() && !group.contains('+') && !group.contains('#');
+        (group_ok && !inner.is_empty()).then_some(inner)
+    }
+
+    /// MQTT 3.1.1 4.7.1: every level is "#" (and then the last one), "+", or free of both.
+    fn ref_levels_ok(inner: &str) -> bool {
+        let levels: Vec<&str> = inner.split('/').collect();
+        let last = levels.len() - 1;
+        levels.iter().enumerate().all(|(i, level)| {
+            (*level == "#" && i == last)
+                || *level == "+"
+                || (!level.contains('#') && !level.contains('+'))
+        })
+    }
+
+    fn ref_filter_ok(f: &str) -> bool {
+        ref_common_ok(f) && ref_inner(f).is_some_and(ref_levels_ok)
+    }
+
+    fn ref_misplaced_hash(inner: &str) -> bool {
+        let levels: Vec<&str> = inner.split('/').collect();
+        let last = levels.len() - 1;
+        levels
+            .iter()
+            .enumerate()
+            .any(|(i, level)| level.contains('#') && (*level != "#" || i != last))
+    }
+
+    fn ref_misplaced_plus(inner: &str) -> bool {
+        inner
+            .split('/')
+            .any(|level| level.contains('+') && level != "+")
+    }
+
+    /// MQTT 3.1.1 4.7: '+' stands for exactly one level, a final '#' for its parent level and
+    /// any number of levels below it; a topic starting with '$' is not matched by a filter
+    /// whose first level is a wildcard (4.7.2). Invalid input matches nothing.
+    fn ref_matches(filter: &str, topic: &str) -> bool {
+        if !ref_filter_ok(filter) || !ref_topic_ok(topic) {
+            return false;
+        }
+        let inner = ref_inner(filter).expect("checked above");
+        let f: Vec<&str> = inner.split('/').collect();
+        let t: Vec<&str> = topic.split('/').collect();
+        if topic.starts_with('$') && (f[0] == "+" || f[0] == "#") {
+            return false;
+        }
+        let level_matches = |(fl, tl): (&&str, &&str)| *fl == "+" || fl == tl;
+        match f.split_last() {
+            Some((&"#", parent)) => {
+                t.len() >= parent.len() && parent.iter().zip(&t).all(level_matches)
+            }
+            _ => f.len() == t.len() && f.iter().zip(&t).all(level_matches),
+        }
+    }
+
+    /// Levels of topic names, chosen to collide: empty, '$', multi-byte, a BOM (which MQTT
+    /// says must not be stripped), control characters.
+    const TOPIC_LEVELS: &[&str] = &[
+        "",
+        "a",
+        "b",
+        "ab",
+        "$",
+        "$SYS",
+        "$share",
+        "g",
+        "\u{e9}",
+        "\u{1F600}",
+        "\u{FEFF}",
+        "\u{1}",
+    ];
+
+    /// Levels of filters: the topic levels plus wildcards, correct and misplaced, and NUL.
+    const FILTER_LEVELS: &[&str] = &[
+        "",
+        "a",
+        "b",
+        "ab",
+        "$",
+        "$SYS",
+        "$share",
+        "g",
+        "\u{e9}",
+        "\u{1F600}",
+        "+",
+        "+",
+        "#",
+        "#",
+        "a+",
+        "+a",
+        "a#",
+        "#a",
+        "++",
+        "+#",
+        "\u{0}",
+    ];
+
+    fn joined(levels: &'static [&'static str], max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(levels), 1..=max).prop_map(|v| v.join("/"))
+    }
+
+    /// Any string over the troublesome characters, levels and all.
+    fn small_alphabet() -> impl Strategy<Value = String> {
+        "[ab/+#$\u{0}\u{e9}\u{1F600}]{0,10}"
+    }
+
+    fn topic_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => joined(TOPIC_LEVELS, 5),
+            2 => small_alphabet(),
+            1 => any::<String>(),
+        ]
+    }
+
+    fn filter_strategy() -> impl Strategy<Value = String> {
+        let share = prop::sample::select(
+            &[
+                "$share/g/",
+                "$share/\u{e9}/",
+                "$share/",
+                "$share//",
+                "$share/g+/",
+                "$share/#/",
+                "$share/g",
+            ][..],
+        );
+        prop_oneof![
+            6 => joined(FILTER_LEVELS, 5),
+            2 => (share, joined(FILTER_LEVELS, 3)).prop_map(|(p, f)| format!("{p}{f}")),
+            2 => small_alphabet(),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// A filter made from a topic, so that it matches (or nearly matches) it often: some
+    /// levels replaced by '+' or by another level, possibly cut short and ended by '#',
+    /// possibly wrapped in `$share/g/`.
+    fn derived_pair() -> impl Strategy<Value = (String, String)> {
+        (
+            prop::collection::vec(prop::sample::select(TOPIC_LEVELS), 1..=5),
+            prop::collection::vec((0u8..4, prop::sample::select(TOPIC_LEVELS)), 5),
+            prop::option::of(0usize..6),
+            any::<bool>(),
+        )
+            .prop_map(|(topic, edits, cut, shared)| {
+                let mut filter: Vec<&str> = topic
+                    .iter()
+                    .zip(&edits)
+                    .map(|(level, (op, other))| match op {
+                        0 => "+",
+                        1 => other,
+                        _ => level,
+                    })
+                    .collect();
+                if let Some(n) = cut {
+                    filter.truncate(n);
+                    filter.push("#");
+                }
+                let filter = filter.join("/");
+                let filter = if shared {
+                    format!("$share/g/{filter}")
+                } else {
+                    filter
+                };
+                (filter, topic.join("/"))
+            })
+    }
+
+    fn pair_strategy() -> impl Strategy<Value = (String, String)> {
+        prop_oneof![
+            3 => derived_pair(),
+            2 => (filter_strategy(), topic_strategy()),
+        ]
+    }
+
+    /// Checks that an error presents itself properly: its text and hint are one non-empty
+    /// line each (formatting never slices the input, so multi-byte input cannot upset it).
+    fn presentable(e: &TopicError) -> Result<(), TestCaseError> {
+        let (msg, hint) = (e.to_string(), e.hint());
+        prop_assert!(!msg.is_empty() && !msg.contains('\n'), "{e:?}: {msg:?}");
+        prop_assert!(!hint.is_empty() && !hint.contains('\n'), "{e:?}: {hint:?}");
+        Ok(())
+    }
+
+    /// What `validate_topic` must answer, in its documented order of checks.
+    fn expected_topic(t: &str) -> Result<(), TopicError> {
+        if t.is_empty() {
+            Err(TopicError::Empty)
+        } else if t.len() > MAX_TOPIC_LEN {
+            Err(TopicError::TooLong { len: t.len() })
+        } else if t.contains('\u{0}') {
+            Err(TopicError::ContainsNul)
+        } else if t.contains('+') || t.contains('#') {
+            Err(TopicError::WildcardInTopic)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The filter error must be true of the filter, with emptiness, length and NUL first.
+    fn check_filter_error(f: &str, e: &TopicError) -> Result<(), TestCaseError> {
+        let inner = ref_inner(f);
+        let holds = match e {
+            TopicError::Empty => f.is_empty(),
+            TopicError::TooLong { len } => *len == f.len() && f.len() > MAX_TOPIC_LEN,
+            TopicError::ContainsNul => f.contains('\u{0}'),
+            TopicError::BadSharedSubscription => inner.is_none(),
+            TopicError::MisplacedMultiLevelWildcard => inner.is_some_and(ref_misplaced_hash),
+            TopicError::MisplacedSingleLevelWildcard => inner.is_some_and(ref_misplaced_plus),
+            TopicError::WildcardInTopic => false,
+        };
+        prop_assert!(holds, "{f:?} rejected for a reason it does not have: {e:?}");
+        if !matches!(e, TopicError::Empty | TopicError::TooLong { .. }) {
+            prop_assert!(!f.is_empty() && f.len() <= MAX_TOPIC_LEN, "{f:?}: {e:?}");
+        }
+        if !matches!(
+            e,
+            TopicError::Empty | TopicError::TooLong { .. } | TopicError::ContainsNul
+        ) {
+            prop_assert!(
+                !f.contains('\u{0}'),
+                "{f:?}: NUL must be reported first, not {e:?}"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config(4096))]
+
+        #[test]
+        fn prop_matcher_agrees_with_reference((filter, topic) in pair_strategy()) {
+            prop_assert_eq!(
+                filter_matches(&filter, &topic),
+                ref_matches(&filter, &topic),
+                "filter {:?}, topic {:?}", filter, topic
+            );
+        }
+
+        #[test]
+        fn prop_matcher_agrees_on_any_strings(filter in any::<String>(), topic in any::<String>()) {
+            prop_assert_eq!(filter_matches(&filter, &topic), ref_matches(&filter, &topic));
+        }
+
+        #[test]
+        fn prop_validate_topic_rejects_exactly(t in prop_oneof![topic_strategy(), filter_strategy()]) {
+            let got = validate_topic(&t);
+            prop_assert_eq!(&got, &expected_topic(&t), "{:?}", t);
+            prop_assert_eq!(got.is_ok(), ref_topic_ok(&t));
+            if let Err(e) = &got {
+                presentable(e)?;
+            } else {
+                // rumqttc refuses to publish what it considers invalid: it must never refuse
+                // what we accept.
+                prop_assert!(rumqttc::valid_topic(&t), "{:?}", t);
+            }
+        }
+
+        #[test]
+        fn prop_validate_filter_rejects_exactly(f in prop_oneof![filter_strategy(), topic_strategy()]) {
+            let got = validate_filter(&f);
+            prop_assert_eq!(got.is_ok(), ref_filter_ok(&f), "{:?}: {:?}", f, got);
+            match &got {
+                Err(e) => {
+                    check_filter_error(&f, e)?;
+                    presentable(e)?;
+                }
+                // The engine drops a filter rumqttc refuses (see `flush_subscriptions`), so
+                // every filter we accept must pass rumqttc's check too.
+                Ok(()) => prop_assert!(rumqttc::valid_filter(&f), "{:?}", f),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn prop_validators_never_panic(s in any::<String>()) {
+            for e in [validate_topic(&s).err(), validate_filter(&s).err()].into_iter().flatten() {
+                presentable(&e)?;
+            }
+        }
+
+        /// Two facts of 4.7 stated on their own: a valid topic matches itself as a filter
+        /// (unless it reads as a shared subscription), and '#' matches every valid topic that
+        /// does not start with '$'.
+        #[test]
+        fn prop_topic_matches_itself_and_hash(t in topic_strategy()) {
+            if validate_topic(&t).is_ok() {
+                prop_assert_eq!(filter_matches(&t, &t), !t.starts_with("$share/"), "{:?}", t);
+                prop_assert_eq!(filter_matches("#", &t), !t.starts_with('$'), "{:?}", t);
+                prop_assert!(!filter_matches("+/#", &t) || !t.starts_with('$'), "{:?}", t);
+            } else {
+                prop_assert!(!filter_matches("#", &t), "{:?}", t);
+            }
+        }
+    }
+
+    /// Every string a few bytes either side of the limit, ending in a character of one to
+    /// four bytes (or a wildcard, or NUL) so that the limit also falls inside a character,
+    /// with and without a filter-ish head: too long exactly when over 65,535 bytes.
+    #[test]
+    fn length_limit_around_multibyte_boundaries() {
+        let tails = [
+            "",
+            "a",
+            "\u{e9}",
+            "\u{20AC}",
+            "\u{1F600}",
+            "+",
+            "#",
+            "\u{0}",
+        ];
+        for head in ["", "/", "$share/g/", "#/"] {
+            for tail in tails {
+                for n in MAX_TOPIC_LEN - 3..=MAX_TOPIC_LEN + 3 {
+                    let body = n - head.len() - tail.len();
+                    let s = format!("{head}{}{tail}", "a".repeat(body));
+                    assert_eq!(s.len(), n);
+                    let over = n > MAX_TOPIC_LEN;
+                    let t = validate_topic(&s);
+                    assert_eq!(t, expected_topic(&s), "{head:?} {tail:?} {n}");
+                    let f = validate_filter(&s);
+                    let too_long = matches!(f, Err(TopicError::TooLong { len }) if len == n);
+                    assert_eq!(too_long, over, "{head:?} {tail:?} {n}: {f:?}");
+                    assert_eq!(f.is_ok(), ref_filter_ok(&s), "{head:?} {tail:?} {n}: {f:?}");
+                    assert_eq!(filter_matches(&s, &s), ref_matches(&s, &s), "{head:?} {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reference_agrees_with_the_spec_examples() {
+        // A check of the checker, on the examples of MQTT 3.1.1 4.7.1 and 4.7.2.
+        for (f, t, want) in [
+            ("sport/tennis/player1/#", "sport/tennis/player1", true),
+            (
+                "sport/tennis/player1/#",
+                "sport/tennis/player1/score/wimbledon",
+                true,
+            ),
+            ("sport/#", "sport", true),
+            ("sport/tennis/+", "sport/tennis/player1/ranking", false),
+            ("sport/+", "sport", false),
+            ("sport/+", "sport/", true),
+            ("+/+", "/finance", true),
+            ("/+", "/finance", true),
+            ("+", "/finance", false),
+            ("#", "$SYS/x", false),
+            ("+/monitor/Clients", "$SYS/monitor/Clients", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("$SYS/monitor/+", "$SYS/monitor/Clients", true),
+            ("a/#/b", "a/x/b", false),
+            ("$share/g/#", "a", true),
+        ] {
+            assert_eq!(ref_matches(f, t), want, "{f} {t}");
+            assert_eq!(filter_matches(f, t), want, "{f} {t}");
+        }
+    }
 }

@@ -31,7 +31,7 @@ fn mqtt_start_listener(broker: default!(Option<&str>, "NULL")) -> String {
         let configured: Option<String> = client
             .update(
                 &format!(
-                    "UPDATE {schema}.mqtt_broker SET active = true, write_date = now() \
+                    "UPDATE {schema}.mqtt_broker SET active = true, write_date = pg_catalog.now() \
                      WHERE id OPERATOR(pg_catalog.=) $1 RETURNING client_id"
                 ),
                 None,
@@ -50,7 +50,7 @@ fn mqtt_stop_listener(broker: default!(Option<&str>, "NULL")) -> bool {
         client
             .update(
                 &format!(
-                    "UPDATE {schema}.mqtt_broker b SET active = false, write_date = now() \
+                    "UPDATE {schema}.mqtt_broker b SET active = false, write_date = pg_catalog.now() \
                      FROM (SELECT id, active FROM {schema}.mqtt_broker \
                            WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE) old \
                      WHERE b.id OPERATOR(pg_catalog.=) old.id RETURNING old.active"

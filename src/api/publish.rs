@@ -8,7 +8,8 @@ use pgrx::prelude::*;
 
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
-use crate::{gucs, shmem, wake};
+use crate::security::access::{self, Operation};
+use crate::{gucs, security, shmem, wake};
 
 /// Queue a text payload (sent as its UTF-8 bytes).
 #[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
@@ -68,25 +69,29 @@ pub fn publish(
             Some("Send a smaller payload, or raise mqtt_pg.max_payload_size (a superuser setting) if the broker accepts larger messages."),
         );
     }
-    let id = broker::with_broker(broker, |client, schema, b| {
-        // Access control (mqtt_access_control) will be checked here, once for every publish.
-        client
-            .update(
-                &format!(
+    // The rule is the permission (see `security`): checked as the caller, then the row is
+    // written as the extension's owner, so the caller needs no privilege on mqtt_outbox.
+    access::require(topic, Operation::Publish);
+    let id = security::as_extension_owner(|| {
+        broker::with_broker(broker, |client, schema, b| {
+            client
+                .update(
+                    &format!(
                     "INSERT INTO {schema}.mqtt_outbox (broker_id, topic, payload, qos, retain) \
                      VALUES ($1, $2, $3, $4, $5) RETURNING id"
                 ),
-                None,
-                &[
-                    b.id.into(),
-                    topic.into(),
-                    payload.into(),
-                    (qos as i16).into(),
-                    retain.into(),
-                ],
-            )
-            .ok()
-            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+                    None,
+                    &[
+                        b.id.into(),
+                        topic.into(),
+                        payload.into(),
+                        (qos as i16).into(),
+                        retain.into(),
+                    ],
+                )
+                .ok()
+                .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+        })
     });
     let id = id.unwrap_or_else(|| {
         errors::raise(

@@ -6,6 +6,8 @@ use pgrx::prelude::*;
 
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER};
+use crate::security;
+use crate::security::access::{self, Operation};
 
 fn checked_filter(filter: Option<&str>) -> &str {
     let filter = filter
@@ -34,15 +36,16 @@ fn _mqtt_subscribe(
             Some("Subscribe without handler and target_table; messages are stored in mqtt_message_history."),
         );
     }
-    broker::with_broker(broker, |client, schema, b| {
-        // Access control (mqtt_access_control, allow_subscribe) will be checked here.
-        client
+    access::require(filter, Operation::Subscribe);
+    security::as_extension_owner(|| {
+        broker::with_broker(broker, |client, schema, b| {
+            client
             .update(
                 &format!(
                     "INSERT INTO {schema}.mqtt_topic (broker_id, name, qos, subscribe, active) \
                      VALUES ($1, $2, $3, true, true) \
                      ON CONFLICT (broker_id, name) DO UPDATE \
-                     SET qos = EXCLUDED.qos, subscribe = true, active = true, write_date = now() \
+                     SET qos = EXCLUDED.qos, subscribe = true, active = true, write_date = pg_catalog.now() \
                      RETURNING id"
                 ),
                 None,
@@ -57,6 +60,7 @@ fn _mqtt_subscribe(
                     None,
                 )
             })
+        })
     })
 }
 
@@ -65,11 +69,13 @@ fn _mqtt_subscribe(
 #[pg_extern(volatile, parallel_unsafe)]
 fn mqtt_unsubscribe(topic_filter: Option<&str>, broker: default!(Option<&str>, "NULL")) -> bool {
     let filter = checked_filter(topic_filter);
-    broker::with_broker(broker, |client, schema, b| {
-        client
+    access::require(filter, Operation::Subscribe);
+    security::as_extension_owner(|| {
+        broker::with_broker(broker, |client, schema, b| {
+            client
             .update(
                 &format!(
-                    "UPDATE {schema}.mqtt_topic SET subscribe = false, write_date = now() \
+                    "UPDATE {schema}.mqtt_topic SET subscribe = false, write_date = pg_catalog.now() \
                      WHERE broker_id OPERATOR(pg_catalog.=) $1 AND name OPERATOR(pg_catalog.=) $2 \
                      AND subscribe RETURNING id"
                 ),
@@ -78,5 +84,6 @@ fn mqtt_unsubscribe(topic_filter: Option<&str>, broker: default!(Option<&str>, "
             )
             .map(|t| !t.is_empty())
             .unwrap_or(false)
+        })
     })
 }

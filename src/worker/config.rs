@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mqtt_pg_core::engine::{BrokerConfig, MQTT_MAX_PACKET};
+use mqtt_pg_core::engine::{BrokerConfig, Will, MQTT_MAX_PACKET};
+use mqtt_pg_core::tls::TlsSettings;
 use pgrx::prelude::*;
 
 use crate::api::listener::client_id_for;
+use crate::security::secrets;
 
 /// One active broker as configured.
 pub struct Loaded {
@@ -24,8 +26,10 @@ pub fn load(schema: &str) -> Vec<Loaded> {
     Spi::connect(|client| {
         let rows = client.select(
             &format!(
-                "SELECT id, name, host, port, username, password, use_tls, client_id, keepalive, \
-                 clean_session, reconnect_min_ms, reconnect_max_ms, max_packet_size \
+                "SELECT id, name, host, port, username, password_sealed, use_tls, client_id, keepalive, \
+                 clean_session, reconnect_min_ms, reconnect_max_ms, max_packet_size, \
+                 tls_server_name, ca_cert, client_cert, client_key_sealed, \
+                 will_topic, will_payload, will_qos, will_retain, birth_payload \
                  FROM {schema}.mqtt_broker WHERE active ORDER BY id"
             ),
             None,
@@ -39,25 +43,55 @@ pub fn load(schema: &str) -> Vec<Loaded> {
             let id = get_i(1);
             let name = get_s(2).unwrap_or_default();
             let client_id = client_id_for(id, get_s(8));
+            let get_bytes = |n| row.get::<Vec<u8>>(n).ok().flatten();
             let mut problem = None;
             let port = u16::try_from(get_i(4)).unwrap_or(0);
-            let config = if get_b(7) {
-                problem = Some(
-                    "TLS connections are not supported by this build yet (mqtt_broker.use_tls)"
-                        .to_string(),
-                );
-                None
-            } else if port == 0 {
+            let host = get_s(3).unwrap_or_default();
+            let username = get_s(5);
+            let server_name = get_s(14);
+            let secrets = secrets::open(
+                &name,
+                &secrets::Sealed {
+                    host: &host,
+                    port: get_i(4),
+                    username: username.as_deref(),
+                    tls_server_name: server_name.as_deref(),
+                    password: get_bytes(6),
+                    client_key: get_bytes(17),
+                },
+            );
+            let config = if port == 0 {
                 problem = Some(format!("invalid port {} for broker \"{name}\"", get_i(4)));
                 None
+            } else if let Err(e) = &secrets {
+                problem = Some(e.clone());
+                None
             } else {
+                let (password, client_key) = secrets.unwrap_or_default();
+                let will = get_s(18).map(|topic| Will {
+                    topic,
+                    payload: get_s(19).unwrap_or_default().into_bytes(),
+                    qos: row.get::<i16>(20).ok().flatten().unwrap_or(0).clamp(0, 2) as u8,
+                    retain: get_b(21),
+                });
                 Some(BrokerConfig {
                     id,
                     name,
-                    host: get_s(3).unwrap_or_default(),
+                    host,
                     port,
-                    username: get_s(5),
-                    password: get_s(6),
+                    username,
+                    password,
+                    tls: get_b(7).then(|| TlsSettings {
+                        ca_cert: get_s(15),
+                        client_cert: get_s(16),
+                        client_key,
+                        server_name,
+                    }),
+                    birth_payload: will
+                        .as_ref()
+                        .and_then(|_| get_s(22))
+                        .map(String::into_bytes),
+                    will,
                     client_id,
                     keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
                     clean_session: get_b(10),

@@ -112,25 +112,32 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
-    // The worker runs as a superuser in a database whose owner may create objects: pin the
-    // search path so no function or operator of theirs can ever stand in for a built-in one.
-    // SAFETY: setting a GUC of this process, before any transaction uses it.
+    // The worker runs as a superuser in a database whose owner may create objects and may
+    // ALTER DATABASE ... SET any user setting. Pin every setting that could make it run their
+    // code or bend what it does: the search path (no function or operator of theirs can stand
+    // in for a built-in one), the role (SET role = ... would run the worker as someone else),
+    // read-only and isolation defaults, and the timeouts. A statement_timeout set for the
+    // database (for its interactive users) would cancel a large batch on every attempt; the
+    // worker's statements are bounded in size instead. A lock_timeout stays: a lock wait that
+    // ends is retried (see `Worker::store`).
+    // SAFETY: setting GUCs of this process, before any transaction uses them.
     unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-        // A statement_timeout set for the database (for its interactive users) would cancel a
-        // large batch on every attempt; the worker's statements are bounded in size instead.
-        // A lock_timeout stays: a lock wait that ends is retried (see `Worker::store`).
-        pg_sys::SetConfigOption(
-            c"statement_timeout".as_ptr(),
-            c"0".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+        for (name, value) in [
+            (c"search_path", c"pg_catalog, pg_temp"),
+            (c"role", c"none"),
+            (c"statement_timeout", c"0"),
+            (c"idle_in_transaction_session_timeout", c"0"),
+            (c"default_transaction_read_only", c"off"),
+            (c"default_transaction_isolation", c"read committed"),
+            (c"default_tablespace", c""),
+        ] {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
         // The broker is told a message is safe once its transaction has committed, so that
         // commit must be durable: with synchronous_commit = off (a common Odoo tuning) a crash
         // could lose messages the broker has already forgotten. Stronger settings (remote_*,

@@ -8,30 +8,33 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event as MqttEvent, EventLoop, MqttOptions, MqttState,
-    Outgoing, Packet, PubRel, Publish, QoS, Request, SubscribeReasonCode,
+    AsyncClient, Event as MqttEvent, EventLoop, MqttState, Outgoing, Packet, PubRel, Publish, QoS,
+    Request, SubscribeReasonCode,
 };
 use tokio::sync::mpsc;
 
+use super::errors::describe_error;
+use super::options::{birth, options, prepare, qos_from};
 use super::{
     held_bytes, Ack, BrokerConfig, Buffered, Command, Event, InMessage, OutMessage, Tagged, Waker,
-    DISCONNECT_GRACE, MQTT_MAX_PACKET,
+    Will, DISCONNECT_GRACE,
 };
 use crate::backoff::Backoff;
-
-fn qos_from(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
 
 fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// What a PUBLISH handed to rumqttc stands for. A status message (the birth after CONNACK, the
+/// will's payload at a clean stop) takes its place in the packet-id FIFO like any row, so the
+/// rows around it keep their packet ids; it just never becomes a `Delivered` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Row(i64),
+    Status,
 }
 
 /// Delivery bookkeeping of one connection, shared by its two tasks (see [`run_broker`]).
@@ -51,14 +54,14 @@ struct Book {
     acks: VecDeque<(u8, u16)>,
     /// Generation of this task (see `Tagged`), stamped on every [`Ack`] it hands out.
     generation: u64,
-    /// Outbox ids handed to rumqttc, waiting for their `Outgoing::Publish(pkid)`, in order.
-    awaiting_pkid: VecDeque<(i64, u8)>,
+    /// Publishes handed to rumqttc, waiting for their `Outgoing::Publish(pkid)`, in order.
+    awaiting_pkid: VecDeque<(Sent, u8)>,
     /// QoS 1 publishes waiting for PUBACK, and QoS 2 publishes waiting for PUBREC.
-    awaiting_ack: HashMap<u16, (i64, u8)>,
+    awaiting_ack: HashMap<u16, (Sent, u8)>,
     /// QoS 2 publishes past PUBREC, waiting for PUBCOMP. Kept apart because rumqttc frees a
     /// packet id at PUBREC, so the next publish may reuse it while the PUBCOMP is still due;
     /// a shared map would credit that PUBCOMP (or the new PUBACK) to the wrong row.
-    awaiting_comp: HashMap<u16, VecDeque<i64>>,
+    awaiting_comp: HashMap<u16, VecDeque<Sent>>,
     /// Filters of SUBSCRIBE requests in request order, to name a refused filter in the status.
     sub_fifo: VecDeque<Vec<String>>,
     sub_by_pkid: HashMap<u16, Vec<String>>,
@@ -68,6 +71,12 @@ struct Book {
     /// dropped here, because the worker resends them from the outbox once it hears of the new
     /// connection, and keeping both would send them twice.
     epoch: u64,
+    /// The birth message: the will's topic, QoS and retain flag with the birth payload.
+    birth: Option<Will>,
+    /// A CONNACK came and the birth message has not been handed to rumqttc yet. It goes before
+    /// any row, so that subscribers of a retained status topic read "online" before anything
+    /// this connection publishes.
+    birth_due: bool,
 }
 
 impl Book {
@@ -78,7 +87,10 @@ impl Book {
         if !self.connected {
             return;
         }
-        if !self.flush_acks(client) || !self.flush_subscriptions(client) {
+        if !self.flush_birth(client)
+            || !self.flush_acks(client)
+            || !self.flush_subscriptions(client)
+        {
             return;
         }
         while let Some(m) = self.queue.pop_front() {
@@ -105,7 +117,7 @@ impl Book {
             }
             let qos = m.qos.min(2);
             match client.try_publish(m.topic.clone(), qos_from(qos), m.retain, m.payload.clone()) {
-                Ok(()) => self.awaiting_pkid.push_back((m.outbox_id, qos)),
+                Ok(()) => self.awaiting_pkid.push_back((Sent::Row(m.outbox_id), qos)),
                 Err(_) => {
                     // The topic is valid, so the channel is full: keep the row; the poll task
                     // flushes again after each event.
@@ -114,6 +126,25 @@ impl Book {
                 }
             }
         }
+    }
+
+    /// Hand the birth message to rumqttc if it is due; false while its channel is full.
+    fn flush_birth(&mut self, client: &AsyncClient) -> bool {
+        let Some(birth) = self.birth.clone().filter(|_| self.birth_due) else {
+            return true;
+        };
+        self.birth_due = !self.publish_status(client, &birth);
+        !self.birth_due
+    }
+
+    /// Publish a status message (not an outbox row); false while the channel is full.
+    fn publish_status(&mut self, client: &AsyncClient, m: &Will) -> bool {
+        let qos = m.qos.min(2);
+        let sent = client.try_publish(m.topic.clone(), qos_from(qos), m.retain, m.payload.clone());
+        if sent.is_ok() {
+            self.awaiting_pkid.push_back((Sent::Status, qos));
+        }
+        sent.is_ok()
     }
 
     /// Hand pending acknowledgements to rumqttc; false while its channel is full.
@@ -131,7 +162,13 @@ impl Book {
 
     /// Oldest outbox row written to the connection and still waiting for its PUBACK/PUBREC.
     fn oldest_unacknowledged(&self) -> Option<i64> {
-        self.awaiting_ack.values().map(|(id, _)| *id).min()
+        self.awaiting_ack
+            .values()
+            .filter_map(|(sent, _)| match sent {
+                Sent::Row(id) => Some(*id),
+                Sent::Status => None,
+            })
+            .min()
     }
 
     /// Send pending unsubscribes and subscribes; false while the channel is full.
@@ -193,6 +230,8 @@ impl Book {
                     session_present: ack.session_present,
                     epoch: self.epoch,
                 });
+                self.birth_due = self.birth.is_some();
+                self.flush_birth(client);
                 // Subscribing again on a resumed session is harmless; skipping it after a lost
                 // session is the classic "silent after a broker restart" bug.
                 self.unsub_pending.clear();
@@ -218,38 +257,36 @@ impl Book {
                     }),
                 }));
             }
-            MqttEvent::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some((outbox_id, qos)) = self.awaiting_pkid.pop_front() {
-                    if qos == 0 {
-                        out.push(Event::Delivered {
-                            broker_id: id,
-                            outbox_id,
-                            pkid: None,
-                        });
-                    } else {
-                        self.awaiting_ack.insert(pkid, (outbox_id, qos));
-                    }
+            MqttEvent::Outgoing(Outgoing::Publish(pkid)) => match self.awaiting_pkid.pop_front() {
+                Some((Sent::Row(outbox_id), 0)) => out.push(Event::Delivered {
+                    broker_id: id,
+                    outbox_id,
+                    pkid: None,
+                }),
+                Some((_, 0)) | None => {}
+                Some((sent, qos)) => {
+                    self.awaiting_ack.insert(pkid, (sent, qos));
                 }
-            }
+            },
             MqttEvent::Incoming(Packet::PubAck(ack)) => {
-                if let Some((outbox_id, 1)) = self.awaiting_ack.get(&ack.pkid).copied() {
+                if let Some((sent, 1)) = self.awaiting_ack.get(&ack.pkid).copied() {
                     self.awaiting_ack.remove(&ack.pkid);
-                    delivered(out, id, outbox_id, ack.pkid);
+                    delivered(out, id, sent, ack.pkid);
                 }
             }
             MqttEvent::Incoming(Packet::PubRec(rec)) => {
-                if let Some((outbox_id, 2)) = self.awaiting_ack.get(&rec.pkid).copied() {
+                if let Some((sent, 2)) = self.awaiting_ack.get(&rec.pkid).copied() {
                     self.awaiting_ack.remove(&rec.pkid);
                     self.awaiting_comp
                         .entry(rec.pkid)
                         .or_default()
-                        .push_back(outbox_id);
+                        .push_back(sent);
                 }
             }
             MqttEvent::Incoming(Packet::PubComp(comp)) => {
                 let waiting = self.awaiting_comp.get_mut(&comp.pkid);
-                if let Some(outbox_id) = waiting.and_then(|q| q.pop_front()) {
-                    delivered(out, id, outbox_id, comp.pkid);
+                if let Some(sent) = waiting.and_then(|q| q.pop_front()) {
+                    delivered(out, id, sent, comp.pkid);
                 }
                 if self
                     .awaiting_comp
@@ -316,6 +353,7 @@ impl Book {
         self.unsub_pending.clear();
         self.sub_pending.clear();
         self.connected = false;
+        self.birth_due = false;
         // A packet-id collision pending on the dead connection would otherwise keep rumqttc
         // from taking any request on the next one.
         eventloop.state.collision = None;
@@ -365,12 +403,22 @@ fn answer_any_pubrel(state: &mut MqttState) {
     state.events.shrink_to(events.max(64));
 }
 
-fn delivered(out: &mut Vec<Event>, broker_id: i32, outbox_id: i64, pkid: u16) {
-    out.push(Event::Delivered {
-        broker_id,
-        outbox_id,
-        pkid: Some(pkid),
-    });
+/// Report an acknowledged row; a status message is nobody's row.
+fn delivered(out: &mut Vec<Event>, broker_id: i32, sent: Sent, pkid: u16) {
+    if let Sent::Row(outbox_id) = sent {
+        out.push(Event::Delivered {
+            broker_id,
+            outbox_id,
+            pkid: Some(pkid),
+        });
+    }
+}
+
+/// Why a connection attempt or connection ended.
+enum Failure {
+    /// Nothing was attempted: the settings cannot work (see [`prepare`]).
+    Setup(String),
+    Mqtt(rumqttc::ConnectionError),
 }
 
 /// A connection counts as healthy, and its backoff starts from the minimum again, once it has
@@ -454,6 +502,7 @@ pub(super) async fn run_broker(
         .collect();
     let book = Arc::new(Mutex::new(Book {
         generation: emitter.generation,
+        birth: birth(&config),
         ..Book::default()
     }));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -499,6 +548,7 @@ pub(super) async fn run_broker(
     let mut connected_at: Option<Instant> = None;
     let mut out = vec![Event::Connecting { broker_id: id }];
     emitter.emit_all(&mut out).await;
+    let mut prepared = false;
     loop {
         // While the worker holds too many received messages, read nothing more; but poll now and
         // then all the same, which gives rumqttc a chance to send its PINGREQ during a long
@@ -511,9 +561,12 @@ pub(super) async fn run_broker(
                 }
             }
         }
-        let polled = tokio::select! {
-            _ = stop.notified() => break,
-            polled = eventloop.poll() => polled,
+        let polled = match prepare(&config, &mut eventloop, &mut prepared) {
+            Err(error) => Err(Failure::Setup(error)),
+            Ok(()) => tokio::select! {
+                _ = stop.notified() => break,
+                polled = eventloop.poll() => polled.map_err(Failure::Mqtt),
+            },
         };
         match polled {
             Ok(ev) => {
@@ -529,16 +582,20 @@ pub(super) async fn run_broker(
                     return;
                 }
             }
-            Err(e) => {
-                let suspect = {
+            Err(failure) => {
+                let (suspect, error) = {
                     let mut b = lock(&book);
+                    let error = match failure {
+                        Failure::Setup(error) => error,
+                        Failure::Mqtt(e) => describe_error(&e, &config, b.connected),
+                    };
                     b.take_buffered(&client, id, &mut eventloop, &mut out);
                     // A connection lost while reads were paused says nothing about the rows
                     // in flight: the broker may have given up on a silent client.
                     let paused = emitter.paused_within(config.keepalive * 2);
                     let suspect = b.oldest_unacknowledged().filter(|_| !paused);
                     b.connection_lost(&mut eventloop);
-                    suspect
+                    (suspect, error)
                 };
                 if connected_at
                     .take()
@@ -548,7 +605,7 @@ pub(super) async fn run_broker(
                 }
                 out.push(Event::ConnectionLost {
                     broker_id: id,
-                    error: describe_error(&e, &config),
+                    error,
                     suspect,
                 });
                 emitter.emit_all(&mut out).await;
@@ -574,7 +631,17 @@ pub(super) async fn run_broker(
     // before the DISCONNECT, and their acknowledgements (arriving in the grace period) are
     // still credited; rumqttc's state is left intact for that.
     lock(&book).queue.clear();
-    if lock(&book).connected && client.try_disconnect().is_ok() {
+    let connected = lock(&book).connected;
+    if let Some(will) = config
+        .will
+        .as_ref()
+        .filter(|_| connected && config.birth_payload.is_some())
+    {
+        // The broker drops the will on a DISCONNECT, so a retained status topic would say
+        // "online" for ever after a clean stop: say "offline" ourselves, just before it.
+        lock(&book).publish_status(&client, will);
+    }
+    if connected && client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
             loop {
                 match eventloop.poll().await {
@@ -633,46 +700,4 @@ fn lock(book: &Mutex<Book>) -> std::sync::MutexGuard<'_, Book> {
     // A panic while holding the lock would already have ended this connection's tasks; the
     // data is plain bookkeeping, so keep going with it rather than poisoning the engine.
     book.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn options(c: &BrokerConfig) -> MqttOptions {
-    let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
-    o.set_keep_alive(c.keepalive.max(Duration::from_secs(5)));
-    o.set_clean_session(c.clean_session);
-    // Acknowledge only what the database has stored (see `Engine::ack`).
-    o.set_manual_acks(true);
-    // Incoming is never limited below what MQTT allows: a message refused here would come back
-    // on every reconnect of a persistent session. Outgoing rows over the broker's limit are
-    // set aside before they reach the connection (see `flush_queue`).
-    o.set_max_packet_size(MQTT_MAX_PACKET, c.max_packet_size);
-    o.set_inflight(c.max_inflight.max(1));
-    if let Some(user) = &c.username {
-        o.set_credentials(user.clone(), c.password.clone().unwrap_or_default());
-    }
-    o
-}
-
-/// Turn a rumqttc error into a sentence a DBA can act on.
-fn describe_error(e: &rumqttc::ConnectionError, c: &BrokerConfig) -> String {
-    use rumqttc::ConnectionError as E;
-    let target = format!("{}:{}", c.host, c.port);
-    match e {
-        E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!("connection to {target} refused: is the broker running and listening there?")
-        }
-        E::Io(io) => format!("network error talking to {target}: {io}"),
-        E::NetworkTimeout => format!("no answer from {target} within the connection timeout"),
-        E::ConnectionRefused(code) => {
-            let why = match code {
-                ConnectReturnCode::BadUserNamePassword => "bad user name or password",
-                ConnectReturnCode::NotAuthorized => "not authorized",
-                ConnectReturnCode::BadClientId => "client id rejected",
-                ConnectReturnCode::ServiceUnavailable => "service unavailable",
-                ConnectReturnCode::RefusedProtocolVersion => "protocol version refused",
-                ConnectReturnCode::Success => "success?",
-            };
-            format!("broker at {target} refused the connection: {why}")
-        }
-        other => format!("connection to {target} lost: {other}"),
-    }
 }

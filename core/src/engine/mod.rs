@@ -13,8 +13,11 @@
 //! is still in the durable outbox. The database, not this process, holds the durable copy.
 
 mod connection;
+mod errors;
+mod options;
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +25,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::tls::Redacted;
+pub use crate::tls::TlsSettings;
 use connection::{run_broker, Emitter};
 
 /// Largest packet MQTT can carry (the remaining-length field tops out at 256 MiB - 1).
@@ -37,13 +42,14 @@ pub(super) const DISCONNECT_GRACE: Duration = Duration::from_millis(200);
 
 /// Everything needed to open one broker connection. Two configs that compare equal describe the
 /// same connection, so the engine only restarts a task when this changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
     pub id: i32,
     pub name: String,
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
+    /// Secret: never printed (see the `Debug` impl).
     pub password: Option<String>,
     pub client_id: String,
     pub keepalive: Duration,
@@ -53,6 +59,46 @@ pub struct BrokerConfig {
     pub reconnect_max: Duration,
     /// Outgoing QoS 1/2 publishes allowed in flight at once (rumqttc's `inflight`).
     pub max_inflight: u16,
+    /// Some when mqtt_broker.use_tls is true.
+    pub tls: Option<TlsSettings>,
+    /// Last Will: published by the broker when the connection dies without a DISCONNECT.
+    pub will: Option<Will>,
+    /// Published to the will topic (same qos/retain) after every CONNACK, so a retained topic
+    /// says online/offline. Only with a will; then a clean stop publishes the will's payload
+    /// too, as the broker drops the will on DISCONNECT.
+    pub birth_payload: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &Redacted(&self.password))
+            .field("client_id", &self.client_id)
+            .field("keepalive", &self.keepalive)
+            .field("clean_session", &self.clean_session)
+            .field("max_packet_size", &self.max_packet_size)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("max_inflight", &self.max_inflight)
+            .field("tls", &self.tls)
+            .field("will", &self.will)
+            .field("birth_payload", &self.birth_payload)
+            .finish()
+    }
+}
+
+/// The Last Will the broker publishes for us when the connection dies without a DISCONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
 }
 
 /// One outbox row handed to the engine for delivery.

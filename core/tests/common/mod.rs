@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::fs;
@@ -62,6 +64,8 @@ pub struct Broker {
     generation: u32,
     /// Configuration lines added to every run's config file.
     extra_conf: String,
+    /// Arguments mosquitto_pub and mosquitto_sub need to reach it (`--cafile ...` for TLS).
+    client_args: Vec<String>,
 }
 
 impl Broker {
@@ -73,6 +77,12 @@ impl Broker {
 
     /// [`Broker::start`] with extra configuration lines (`"max_packet_size 2000\n"`).
     pub fn start_with(extra_conf: &str) -> Broker {
+        Self::start_with_clients(extra_conf, Vec::new())
+    }
+
+    /// [`Broker::start_with`] for a broker that mosquitto_pub / mosquitto_sub reach only with
+    /// `client_args` (a TLS listener: `--cafile ...`).
+    pub fn start_with_clients(extra_conf: &str, client_args: Vec<String>) -> Broker {
         let dir = temp_dir("mosq");
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -82,6 +92,7 @@ impl Broker {
                 child: None,
                 generation: 0,
                 extra_conf: extra_conf.to_string(),
+                client_args: client_args.clone(),
             };
             match b.spawn(Duration::from_secs(2)) {
                 Ok(()) => return b,
@@ -135,6 +146,18 @@ impl Broker {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `-h 127.0.0.1 -p PORT` and whatever else mosquitto_pub / mosquitto_sub need for it.
+    pub fn client_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-h".to_string(),
+            "127.0.0.1".to_string(),
+            "-p".to_string(),
+            self.port.to_string(),
+        ];
+        args.extend(self.client_args.iter().cloned());
+        args
     }
 
     fn log_path(&self) -> PathBuf {
@@ -250,6 +273,28 @@ impl Broker {
             .filter_map(|l| l.strip_prefix(&prefix))
             .map(|rest| parse(rest).unwrap_or_else(|| panic!("bad PUBLISH log line {rest:?}")))
             .collect()
+    }
+
+    /// For each CONNACK the broker sent `client_id` in the current run, the topic of the first
+    /// PUBLISH it then received from that client on the same connection (None if none came).
+    pub fn first_publish_after_connack(&self, client_id: &str) -> Vec<Option<String>> {
+        let connack = format!("Sending CONNACK to {client_id} ");
+        let publish = format!("Received PUBLISH from {client_id} (");
+        let mut firsts: Vec<Option<String>> = Vec::new();
+        for line in self.log_lines() {
+            if line.starts_with(&connack) {
+                firsts.push(None);
+            } else if let Some(rest) = line.strip_prefix(&publish) {
+                if let Some(first @ None) = firsts.last_mut() {
+                    let topic = rest
+                        .split_once(", '")
+                        .and_then(|(_, t)| t.rsplit_once("', ... ("))
+                        .map(|(t, _)| t.to_string());
+                    *first = Some(topic.unwrap_or_else(|| panic!("bad PUBLISH line {line:?}")));
+                }
+            }
+        }
+        firsts
     }
 
     fn spawn(&mut self, timeout: Duration) -> Result<(), String> {
@@ -433,7 +478,7 @@ impl ChildGuard {
 /// succeeds.
 pub fn mosquitto_pub(broker: &Broker, args: &[&str], stdin: Option<&[u8]>) {
     let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args(broker.client_args())
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -461,7 +506,7 @@ pub fn mosquitto_pub(broker: &Broker, args: &[&str], stdin: Option<&[u8]>) {
 /// Start mosquitto_pub in the background (for large `-l` runs); the caller waits on it.
 pub fn spawn_mosquitto_pub(broker: &Broker, args: &[&str], stdin: Vec<u8>) -> ChildGuard {
     let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args(broker.client_args())
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -501,7 +546,7 @@ impl Sub {
         let suback = format!("Sending SUBACK to {id}");
         let before = broker.log_count(&suback);
         let child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(broker.client_args())
             .args(["-i", id, "-t", filter, "-q", &qos.to_string()])
             .args(["-C", &count.to_string(), "-W", "20"])
             .args(["-F", "%q %r %t %x"])
@@ -589,6 +634,9 @@ pub fn config(id: i32, port: u16, test: &str) -> BrokerConfig {
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
         max_inflight: 100,
+        tls: None,
+        will: None,
+        birth_payload: None,
     }
 }
 
