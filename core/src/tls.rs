@@ -312,8 +312,7 @@ fn private_key(column: &str, text: &str) -> Result<PrivateKeyDer<'static>, Strin
     {
         return Err(format!(
             "{column}: the private key is encrypted with a passphrase, which is not supported; \
-             store it unencrypted (openssl pkey -in KEY -out PLAIN.pem) and rely on the column \
-             being readable by superusers only"
+             store it decrypted (openssl pkey -in KEY -out PLAIN.pem)"
         ));
     }
     let keys = blocks.iter().filter(|b| b.label.is_private_key()).count();

@@ -1391,6 +1391,93 @@ impl Drop for Proxy {
     }
 }
 
+/// A byte-for-byte TCP relay to a broker that counts the connections made through it: for TLS,
+/// which the packet-aware [`Proxy`] cannot read. Its threads stop (and are joined) on drop.
+pub struct Relay {
+    pub port: u16,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    accept_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn start(upstream: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (st, so, th, acc) = (
+            stop.clone(),
+            sockets.clone(),
+            threads.clone(),
+            accepted.clone(),
+        );
+        let accept_thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Acquire) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    Err(e) => panic!("relay accept: {e}"),
+                };
+                acc.fetch_add(1, Ordering::AcqRel);
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                so.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    th.lock().unwrap().push(std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    }));
+                }
+            }
+        });
+        Relay {
+            port,
+            accepted,
+            stop,
+            sockets,
+            threads,
+            accept_thread: Some(accept_thread),
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Bytes the one client connected to the local TCP port `port` (the engine, in the tests
 /// that use this) has read off its socket so far: what its socket received minus what still
 /// waits there unread (`ss -tni`: `bytes_received` less Recv-Q). rumqttc reads in chunks, so
