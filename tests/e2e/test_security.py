@@ -166,7 +166,8 @@ def test_dump_and_restore_as_the_owner(pg, odoo, auth_mosq, scratch_db, topic):
 
 class CutProxy:
     """A TCP proxy to a broker that can cut every connection at once, the way a network
-    failure would: no DISCONNECT reaches the broker."""
+    failure would: no DISCONNECT reaches the broker, and for `hold` seconds no new connection
+    gets through (as long as the network stays down)."""
 
     def __init__(self, target_port):
         import socket
@@ -179,6 +180,7 @@ class CutProxy:
         self.port = self.srv.getsockname()[1]
         self.conns = []
         self.stop = False
+        self.down_until = 0.0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -189,6 +191,9 @@ class CutProxy:
                 a, _ = self.srv.accept()
             except OSError:
                 return
+            if time.monotonic() < self.down_until:
+                a.close()
+                continue
             b = socket.create_connection((HOST, self.target))
             self.conns += [a, b]
             for x, y in ((a, b), (b, a)):
@@ -208,8 +213,9 @@ class CutProxy:
             except OSError:
                 pass
 
-    def cut(self):
+    def cut(self, hold: float = 0.0):
         import socket
+        self.down_until = time.monotonic() + hold
         for s in self.conns:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -224,8 +230,6 @@ class CutProxy:
         self.cut()
 
 
-@pytest.mark.xfail(reason="passes alone, failed once inside the full suite; not yet diagnosed (see the issue note)",
-                   strict=False)
 def test_last_will_on_sigkill_and_cut_and_birth_on_every_connect(mosq, topic):
     """On a cluster of its own: SIGKILL of a worker makes PostgreSQL restart every backend."""
     from conftest import TEST_DB, extension_cluster
@@ -237,30 +241,32 @@ def test_last_will_on_sigkill_and_cut_and_birth_on_every_connect(mosq, topic):
                 c.execute("INSERT INTO mqtt_broker (name, host, port, will_topic, will_payload, will_qos, will_retain, "
                           "birth_payload, keepalive) VALUES ('b', %s, %s, %s, 'offline', 1, true, 'online', 5)",
                           (HOST, proxy.port, status))
+                client_id = c.execute("SELECT mqtt_status('b')->>'client_id'").fetchone()[0]
                 with mqtt_sub(mosq.port, status, qos=1) as sub:
                     c.execute("SELECT mqtt_start_listener('b')")
                     assert sub.wait_count(1)[0][1] == b"online"
                     # A cut connection: the broker publishes the will, the reconnect the birth again.
-                    proxy.cut()
-                    got = sub.wait_count(3, timeout=30)
-                    assert [m[1] for m in got[1:3]] == [b"offline", b"online"], got
-                    # Straight to the broker now (a clean reconnect: birth, no will), then SIGKILL
-                    # of the worker: the kernel closes its socket, the broker publishes the will.
+                    proxy.cut(hold=3)
+                    assert [m[1] for m in sub.wait_count(3, timeout=30)[1:]] == [b"offline", b"online"]
+                    # Straight to the broker now: a clean reconnect, in which the worker says
+                    # offline itself (the broker drops the will on a DISCONNECT), then online.
                     c.execute("UPDATE mqtt_broker SET port = %s", (mosq.port,))
-                    got = sub.wait_count(4, timeout=30)
-                    assert got[3][1] == b"online", got
+                    assert [m[1] for m in sub.wait_count(5, timeout=30)[3:]] == [b"offline", b"online"]
+                    # SIGKILL of the worker: the kernel closes its socket, the broker publishes
+                    # the will, and the restarted worker the birth.
                     cluster.kill_worker(TEST_DB)
-                    got = sub.wait_count(6, timeout=60)
-                    assert [m[1] for m in got[4:6]] == [b"offline", b"online"], got
+                    assert [m[1] for m in sub.wait_count(7, timeout=60)[5:]] == [b"offline", b"online"]
             cluster.wait_ready(TEST_DB)
             with cluster.connect(TEST_DB) as c:
                 # The retained value says online now; a clean stop sends no will.
                 with mqtt_sub(mosq.port, status, qos=1) as late:
                     assert late.wait_count(1)[0][1] == b"online"
+                # A clean stop: the worker says offline itself before it disconnects.
+                gone = mosq.disconnections_of(client_id)
                 c.execute("SELECT mqtt_stop_listener('b')")
-                wait_status(c, "b", "stopped")
+                wait_for(lambda: mosq.disconnections_of(client_id) > gone, message="a clean disconnect")
                 with mqtt_sub(mosq.port, status, qos=1) as after:
-                    assert after.wait_count(1)[0][1] == b"online"
+                    assert after.wait_count(1)[0][1] == b"offline"
     finally:
         proxy.close()
 
