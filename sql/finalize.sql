@@ -85,18 +85,20 @@ END
 $$;
 
 -- API: Private. Broker secrets are write-only (see src/security/secrets.rs). PostgreSQL fires
--- BEFORE triggers in name order: the two UPDATE OF triggers run only when their column is
--- assigned (so SET host = ... leaves the password alone, SET password = NULL clears it), and
--- the check runs last, on every write.
+-- BEFORE triggers in name order. The two secret triggers fire on INSERT and on an UPDATE that
+-- assigns their column (so SET host = ... leaves the password alone, SET password = NULL
+-- clears it); an INSERT without the secret keeps the sealed form it brings (a restored dump:
+-- it opens only on the server that sealed it, for the same endpoint). The check runs last, on
+-- every write.
 CREATE FUNCTION @extschema@._mqtt_broker_password_set() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NEW.password IS NULL THEN
-        NEW.password_sealed := NULL;
-    ELSE
+    IF NEW.password IS NOT NULL THEN
         NEW.password_sealed := @extschema@._mqtt_seal_password(NEW.password, NEW.host, NEW.port,
                                                                NEW.username, NEW.tls_server_name);
         NEW.password := NULL;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        NEW.password_sealed := NULL;
     END IF;
     RETURN NEW;
 END
@@ -105,11 +107,11 @@ $$;
 CREATE FUNCTION @extschema@._mqtt_broker_client_key_set() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NEW.client_key IS NULL THEN
-        NEW.client_key_sealed := NULL;
-    ELSE
-        NEW.client_key_sealed := @extschema@._mqtt_seal_client_key(NEW.client_key);
+    IF NEW.client_key IS NOT NULL THEN
+        NEW.client_key_sealed := @extschema@._mqtt_seal_client_key(NEW.client_key, NEW.client_cert);
         NEW.client_key := NULL;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        NEW.client_key_sealed := NULL;
     END IF;
     RETURN NEW;
 END
@@ -118,22 +120,11 @@ $$;
 CREATE FUNCTION @extschema@._mqtt_broker_check() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-        -- A restored dump inserts password_sealed as it was: it opens only on the server
-        -- that sealed it, for the same endpoint.
-        IF NEW.password IS NOT NULL THEN
-            NEW.password_sealed := @extschema@._mqtt_seal_password(NEW.password, NEW.host, NEW.port,
-                                                                   NEW.username, NEW.tls_server_name);
-            NEW.password := NULL;
-        END IF;
-        IF NEW.client_key IS NOT NULL THEN
-            NEW.client_key_sealed := @extschema@._mqtt_seal_client_key(NEW.client_key);
-            NEW.client_key := NULL;
-        END IF;
-    ELSIF NEW.password_sealed IS NOT NULL
-          AND NEW.password_sealed IS NOT DISTINCT FROM OLD.password_sealed
-          AND (NEW.host, NEW.port, NEW.username, NEW.tls_server_name) IS DISTINCT FROM
-              (OLD.host, OLD.port, OLD.username, OLD.tls_server_name) THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
+       AND NEW.password_sealed IS NOT NULL
+       AND NEW.password_sealed IS NOT DISTINCT FROM OLD.password_sealed
+       AND (NEW.host, NEW.port, NEW.username, NEW.tls_server_name) IS DISTINCT FROM
+           (OLD.host, OLD.port, OLD.username, OLD.tls_server_name) THEN
         -- The password is bound to where it is sent: pointing the row elsewhere must not
         -- carry it along (that would let whoever edits the row, but may not read the
         -- password, receive it at a broker of their own).
@@ -160,9 +151,9 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER mqtt_broker_1_password BEFORE UPDATE OF password ON @extschema@.mqtt_broker
+CREATE TRIGGER mqtt_broker_1_password BEFORE INSERT OR UPDATE OF password ON @extschema@.mqtt_broker
 FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_password_set();
-CREATE TRIGGER mqtt_broker_2_client_key BEFORE UPDATE OF client_key ON @extschema@.mqtt_broker
+CREATE TRIGGER mqtt_broker_2_client_key BEFORE INSERT OR UPDATE OF client_key ON @extschema@.mqtt_broker
 FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_client_key_set();
 CREATE TRIGGER mqtt_broker_3_check BEFORE INSERT OR UPDATE ON @extschema@.mqtt_broker
 FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_check();
@@ -235,7 +226,12 @@ COMMENT ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint) IS
   'Move a dead letter back: outgoing to the end of mqtt_outbox (sent at commit), received into mqtt_message_history. Returns the new row id.';
 COMMENT ON FUNCTION @extschema@.mqtt_requeue_dead_letters(text) IS
   'Requeue every dead letter of a broker (NULL: the default broker), oldest first; returns how many.';
-COMMENT ON FUNCTION @extschema@.mqtt_check_permission(text, text, text) IS
+-- API: Public
+CREATE FUNCTION @extschema@.mqtt_check_permission(role name, topic text, operation text)
+RETURNS boolean LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@._mqtt_check_permission(role::text, topic, operation) $$;
+COMMENT ON FUNCTION @extschema@.mqtt_check_permission(name, text, text) IS
   'The mqtt_access_control decision: may role publish to (operation ''publish'') or subscribe to (''subscribe'') topic?';
 COMMENT ON FUNCTION @extschema@.mqtt_payload_text(bytea) IS
   'The payload as text when it is valid UTF-8 without NUL bytes, else NULL.';
@@ -249,7 +245,7 @@ REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_config_changed() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_id(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_password(text, text, integer, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_client_key(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_client_key(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_check_broker(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_password_set() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_client_key_set() FROM PUBLIC;

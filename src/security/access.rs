@@ -158,11 +158,16 @@ fn role_name(role: pg_sys::Oid) -> Option<String> {
     .flatten()
 }
 
-/// The access-control decision for `role`: may it publish to (`operation` 'publish') or
-/// subscribe to ('subscribe') `topic`? Any role may ask about itself and the roles it inherits
-/// from; asking about others takes the right to read mqtt_access_control.
+/// Internal, behind `mqtt_check_permission(role name, ...)` (finalize.sql): the access-control
+/// decision for `role`: may it publish to (`operation` 'publish') or subscribe to
+/// ('subscribe') `topic`? Any role may ask about itself and the roles it inherits from; asking
+/// about others takes the right to read mqtt_access_control.
 #[pg_extern(stable, parallel_safe)]
-fn mqtt_check_permission(role: Option<&str>, topic: Option<&str>, operation: Option<&str>) -> bool {
+fn _mqtt_check_permission(
+    role: Option<&str>,
+    topic: Option<&str>,
+    operation: Option<&str>,
+) -> bool {
     let op = match operation.map(str::to_ascii_lowercase).as_deref() {
         Some("publish") => Operation::Publish,
         Some("subscribe") => Operation::Subscribe,

@@ -12,6 +12,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
 use mqtt_pg_core::secret::{self, KEY_LEN};
+use mqtt_pg_core::tls;
 use pgrx::prelude::*;
 
 use crate::errors::{self, INVALID_PARAMETER};
@@ -109,19 +110,29 @@ fn _mqtt_seal_password(
     sealed(&context, password)
 }
 
-/// Internal (the `mqtt_broker` triggers): check a PEM client key, then seal it. The error
-/// never shows any of the key.
+/// Internal (the `mqtt_broker` triggers): check a PEM client key (and, when the row has a
+/// certificate, that the two are a pair), then seal it. The error never shows any of the key.
 #[pg_extern(volatile)]
-fn _mqtt_seal_client_key(client_key: &str) -> Vec<u8> {
-    if let Err(e) = mqtt_pg_core::tls::check_pem(
-        "mqtt_broker.client_key",
-        client_key,
-        mqtt_pg_core::tls::PemKind::ClientKey,
-    ) {
+fn _mqtt_seal_client_key(client_key: &str, client_cert: Option<&str>) -> Vec<u8> {
+    let checked = match client_cert {
+        Some(cert) => tls::check_settings(&tls::TlsSettings {
+            ca_cert: None,
+            client_cert: Some(cert.to_string()),
+            client_key: Some(client_key.to_string()),
+            server_name: None,
+        }),
+        // Without a certificate the row is refused by the trigger's own check ("set together").
+        None => tls::check_pem(
+            "mqtt_broker.client_key",
+            client_key,
+            tls::PemKind::ClientKey,
+        ),
+    };
+    if let Err(e) = checked {
         errors::raise(
             INVALID_PARAMETER,
             e,
-            Some("client_key takes a PEM private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY), unencrypted."),
+            Some("client_key takes the unencrypted PEM private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY) of client_cert."),
         );
     }
     sealed(&secret::client_key_context(), client_key)

@@ -57,13 +57,15 @@ fn store_all(schema: &str, batch: &Batch) -> Outcome {
     let mut outcome = Outcome::default();
     Spi::connect_mut(|client| {
         let mut refused: Vec<(&InMessage, String)> = Vec::new();
-        let (received, nul): (Vec<&InMessage>, Vec<&InMessage>) =
-            batch.received.iter().partition(|m| !m.topic.contains('\0'));
-        for m in nul {
-            refused.push((
-                m,
-                "topic contains a NUL byte, which text cannot hold".into(),
-            ));
+        // A broker must never send a topic name that is empty, holds a wildcard or a NUL
+        // (which text cannot hold either): such a message is kept aside, visible, rather than
+        // stored as if it had come from a real topic.
+        let mut received = Vec::with_capacity(batch.received.len());
+        for m in &batch.received {
+            match mqtt_pg_core::topic::validate_topic(&m.topic) {
+                Ok(()) => received.push(m),
+                Err(e) => refused.push((m, format!("the broker sent an invalid topic name: {e}"))),
+            }
         }
         for chunk in chunks_by_size(&received, MAX_BATCH_BYTES, |m| m.payload.len()) {
             let stored = match subxact::run(|| insert_received(client, schema, chunk)) {

@@ -93,7 +93,7 @@ def test_password_is_write_only_for_the_owner(pg, odoo, auth_mosq, topic):
     # The owner may not forge or copy the sealed form, nor call the sealing functions.
     for stmt in ("UPDATE mqtt_broker SET password_sealed = NULL",
                  "SELECT _mqtt_seal_password('x', 'h', 1, 'u', NULL)",
-                 "SELECT _mqtt_seal_client_key('x')"):
+                 "SELECT _mqtt_seal_client_key('x', NULL)"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute(stmt)
     # Pointing the row at another host clears the password (it would otherwise be sent there).
@@ -275,7 +275,9 @@ def test_will_columns_are_checked(conn):
     name = unique("will")
     for cols, vals in ((("will_topic",), ("a/+/b",)), (("will_topic",), ("#",)),
                        (("will_payload",), ("offline",)), (("birth_payload",), ("online",)),
-                       (("will_topic", "will_qos"), ("a/b", 3))):
+                       (("will_topic", "will_qos"), ("a/b", 3)), (("will_topic", "will_qos"), ("a/b", -1)),
+                       (("port",), (0,)), (("port",), (65536,)), (("port",), (-1,)),
+                       (("tls_server_name",), ("",))):
         with pytest.raises((psycopg.errors.InvalidParameterValue, psycopg.errors.CheckViolation)):
             conn.execute(sql.SQL("INSERT INTO mqtt_broker (name, host, {}) VALUES (%s, 'h', {})").format(
                 sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(sql.Placeholder() * len(vals))),

@@ -161,9 +161,11 @@ def test_a_failing_tls_handshake_backs_off(conn, certs, make_broker):
     ("client_cert", "@key", "mqtt_broker.client_cert"),
     ("client_key", "@cert", "mqtt_broker.client_key"),
     ("client_key", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "mqtt_broker.client_key"),
+    ("client_key", "@otherkey", "does not belong"),
 ])
 def test_bad_pem_is_refused_naming_the_column(conn, certs, column, value, needle):
-    value = {"@key": certs.text("client.key"), "@cert": certs.text("client.pem")}.get(value, value)
+    value = {"@key": certs.text("client.key"), "@cert": certs.text("client.pem"),
+             "@otherkey": certs.text("client_rsa.key")}.get(value, value)
     name = unique("pem")
     conn.execute("INSERT INTO mqtt_broker (name, host) VALUES (%s, 'localhost')", (name,))
     before = conn.execute("SELECT ca_cert, client_cert, has_client_key FROM mqtt_broker WHERE name = %s", (name,)).fetchone()
