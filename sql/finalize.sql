@@ -95,7 +95,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NEW.password IS NOT NULL THEN
         NEW.password_sealed := @extschema@._mqtt_seal_password(NEW.password, NEW.host, NEW.port,
-                                                               NEW.username, NEW.tls_server_name);
+                                                               NEW.username, NEW.use_tls, NEW.ca_cert,
+                                                               NEW.tls_server_name);
         NEW.password := NULL;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         NEW.password_sealed := NULL;
@@ -123,13 +124,14 @@ BEGIN
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
        AND NEW.password_sealed IS NOT NULL
        AND NEW.password_sealed IS NOT DISTINCT FROM OLD.password_sealed
-       AND (NEW.host, NEW.port, NEW.username, NEW.tls_server_name) IS DISTINCT FROM
-           (OLD.host, OLD.port, OLD.username, OLD.tls_server_name) THEN
-        -- The password is bound to where it is sent: pointing the row elsewhere must not
-        -- carry it along (that would let whoever edits the row, but may not read the
-        -- password, receive it at a broker of their own).
+       AND (NEW.host, NEW.port, NEW.username, NEW.use_tls, NEW.ca_cert, NEW.tls_server_name) IS DISTINCT FROM
+           (OLD.host, OLD.port, OLD.username, OLD.use_tls, OLD.ca_cert, OLD.tls_server_name) THEN
+        -- The password is bound to where and how it is sent: pointing the row elsewhere, or
+        -- turning TLS off, or trusting another CA, must not carry it along (that would let
+        -- whoever edits the row, but may not read the password, receive it at a broker of
+        -- their own or read it on the wire).
         NEW.password_sealed := NULL;
-        RAISE NOTICE 'the password of MQTT broker "%" was cleared because host, port, username or tls_server_name changed', NEW.name
+        RAISE NOTICE 'the password of MQTT broker "%" was cleared because host, port, username, use_tls, ca_cert or tls_server_name changed', NEW.name
             USING HINT = 'Set it again in the same UPDATE: UPDATE mqtt_broker SET host = ..., password = ... WHERE name = ...';
     END IF;
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'
@@ -164,13 +166,18 @@ FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_check();
 CREATE FUNCTION @extschema@._mqtt_topic_check() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- Who made a row is not for the writer to claim: below superuser it is the writer.
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) current_user)
+       AND (TG_OP OPERATOR(pg_catalog.=) 'INSERT' OR NEW.owner_role IS DISTINCT FROM OLD.owner_role) THEN
+        NEW.owner_role := current_user;
+    END IF;
     IF NEW.subscribe AND NEW.active THEN
         PERFORM @extschema@._mqtt_require_subscribe(NEW.name);
     END IF;
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF name, subscribe, active ON @extschema@.mqtt_topic
+CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF name, subscribe, active, owner_role ON @extschema@.mqtt_topic
 FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_topic_check();
 
 -- API: Private. A rule written in this transaction applies to its next publish.
@@ -244,7 +251,7 @@ ALTER FUNCTION @extschema@._mqtt_pg_config_changed() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_config_changed() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_id(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_password(text, text, integer, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_password(text, text, integer, text, boolean, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_client_key(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_check_broker(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_password_set() FROM PUBLIC;

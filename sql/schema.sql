@@ -8,7 +8,7 @@ CREATE TABLE @extschema@.mqtt_broker (
     name             text NOT NULL UNIQUE CHECK (name <> ''),
     host             text NOT NULL CHECK (host <> ''),
     port             integer NOT NULL DEFAULT 1883 CHECK (port BETWEEN 1 AND 65535),
-    username         text,
+    username         text CHECK (octet_length(username) <= 65535),
     -- Write-only: a trigger seals what is written here into password_sealed and leaves NULL.
     password         text CHECK (password IS NULL),
     use_tls          boolean NOT NULL DEFAULT false,
@@ -17,16 +17,20 @@ CREATE TABLE @extschema@.mqtt_broker (
     client_cert      text,
     -- Write-only, like password.
     client_key       text CHECK (client_key IS NULL),
-    password_sealed   bytea,
-    client_key_sealed bytea,
+    -- Sealed forms (src/secret.rs in the core crate): version byte 1, nonce, ciphertext, tag.
+    -- Bounded, so that a forged value cannot make the worker chew on megabytes every reload.
+    password_sealed   bytea CHECK (octet_length(password_sealed) BETWEEN 29 AND 65600
+                                   AND get_byte(password_sealed, 0) = 1),
+    client_key_sealed bytea CHECK (octet_length(client_key_sealed) BETWEEN 29 AND 1048576
+                                   AND get_byte(client_key_sealed, 0) = 1),
     has_password     boolean GENERATED ALWAYS AS (password_sealed IS NOT NULL) STORED,
     has_client_key   boolean GENERATED ALWAYS AS (client_key_sealed IS NOT NULL) STORED,
     will_topic       text CHECK (will_topic <> ''),
-    will_payload     text,
+    will_payload     text CHECK (octet_length(will_payload) <= 65535),
     will_qos         smallint NOT NULL DEFAULT 0 CHECK (will_qos BETWEEN 0 AND 2),
     will_retain      boolean NOT NULL DEFAULT false,
     birth_payload    text,
-    client_id        text CHECK (client_id <> ''),
+    client_id        text CHECK (client_id <> '' AND octet_length(client_id) <= 65535),
     keepalive        integer NOT NULL DEFAULT 60 CHECK (keepalive BETWEEN 5 AND 65535),
     clean_session    boolean NOT NULL DEFAULT false,
     max_packet_size  integer CHECK (max_packet_size BETWEEN 64 AND 268435455),
@@ -78,6 +82,7 @@ CREATE TABLE @extschema@.mqtt_topic (
     subscribe    boolean NOT NULL DEFAULT false,
     handler      regprocedure,
     target_table regclass,
+    owner_role   text,
     active       boolean NOT NULL DEFAULT true,
     create_date  timestamptz NOT NULL DEFAULT now(),
     write_date   timestamptz NOT NULL DEFAULT now(),
@@ -88,6 +93,7 @@ COMMENT ON TABLE @extschema@.mqtt_topic IS
 COMMENT ON COLUMN @extschema@.mqtt_topic.name IS 'Topic name or filter (+ and # wildcards allowed for subscriptions).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.qos IS 'Subscription QoS (0, 1 or 2).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.subscribe IS 'Subscribe to this filter while the broker is active.';
+COMMENT ON COLUMN @extschema@.mqtt_topic.owner_role IS 'The role that made the subscription (set by mqtt_subscribe and by direct writes); other roles without UPDATE on mqtt_topic cannot change or remove it.';
 COMMENT ON COLUMN @extschema@.mqtt_topic.handler IS 'Reserved: function to route received messages to (not used by this version).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.target_table IS 'Reserved: table to route received messages to (not used by this version).';
 

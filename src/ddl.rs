@@ -1,4 +1,5 @@
-//! Stepping aside for DDL that needs a database to itself.
+//! Stepping aside for DDL that needs a database to itself, and refusing DDL that would pull the
+//! extension's schema from under it.
 //!
 //! `DROP DATABASE` and `ALTER DATABASE ... RENAME` refuse to run while any other session is
 //! connected to the database, and our worker always is. Odoo's database manager drops
@@ -146,6 +147,48 @@ fn step_aside(dbname: &CStr) {
     }
 }
 
+/// Refuse `ALTER SCHEMA ... RENAME` of the schema mqtt_pg lives in. The extension's SQL bodies,
+/// its backends and its worker name their objects by schema name; in PostgreSQL 15 the
+/// database owner owns `public` and could rename it and put a schema of its own, with tables,
+/// views and functions of the same names, in its place, to be run by the worker as a superuser.
+///
+/// # Safety
+/// `stmt` must be a valid parse tree node or null; call inside a transaction.
+unsafe fn refuse_schema_rename(stmt: *mut pg_sys::Node) {
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_RenameStmt {
+            return;
+        }
+        let s = stmt as *mut pg_sys::RenameStmt;
+        if (*s).renameType != pg_sys::ObjectType::OBJECT_SCHEMA
+            || (*s).subname.is_null()
+            || !pg_sys::IsTransactionState()
+        {
+            return;
+        }
+        let nsp = pg_sys::get_namespace_oid((*s).subname, true);
+        if nsp == pg_sys::InvalidOid {
+            return;
+        }
+        let ours = Spi::get_one::<pg_sys::Oid>(
+            "SELECT extnamespace FROM pg_catalog.pg_extension \
+             WHERE extname OPERATOR(pg_catalog.=) 'mqtt_pg'",
+        )
+        .ok()
+        .flatten();
+        if ours == Some(nsp) {
+            crate::errors::raise(
+                crate::errors::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "cannot rename schema \"{}\": extension mqtt_pg is installed in it",
+                    CStr::from_ptr((*s).subname).to_string_lossy()
+                ),
+                Some("mqtt_pg refers to its tables and functions by schema name. To move it, DROP EXTENSION mqtt_pg and create it again in the schema wanted (as a superuser)."),
+            );
+        }
+    }
+}
+
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
@@ -160,6 +203,7 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     // SAFETY: Postgres hands us a valid PlannedStmt; we only read its utility statement.
     unsafe {
+        refuse_schema_rename((*pstmt).utilityStmt);
         if let Some(db) = exclusive_database((*pstmt).utilityStmt) {
             step_aside(db);
         }

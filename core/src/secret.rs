@@ -8,7 +8,9 @@
 //! `postgres` OS user alone) can open it.
 //!
 //! The sealed value is bound to a context: the column it belongs to and, for a password, the
-//! endpoint it is sent to (host, port, user name, TLS server name). Whoever may edit a broker
+//! endpoint it is sent to and how (host, port, user name, TLS on or off, the CA trusted, the TLS
+//! server name): switching TLS off, or trusting another CA, would hand the password to whoever
+//! is on the network path. Whoever may edit a broker
 //! row but not read its password cannot copy the sealed bytes to a row of their own, or point
 //! the row at a host of their own, and have the worker send the password there: the worker
 //! cannot open it in the new context and says "set it again".
@@ -39,8 +41,8 @@ impl std::fmt::Display for SecretError {
         f.write_str(match self {
             SecretError::Malformed => "the stored value is not a sealed secret",
             SecretError::WrongKeyOrContext => {
-                "it was sealed by another server (a restored dump) or for another host, port or \
-                 user name (the row was changed or copied since it was set)"
+                "it was sealed by another server (a restored dump) or for another endpoint (host, \
+                 port, user name, TLS settings: the row was changed or copied since it was set)"
             }
             SecretError::Random => "the system's random number generator failed",
         })
@@ -58,21 +60,30 @@ pub fn new_key() -> Result<[u8; KEY_LEN], SecretError> {
     Ok(key)
 }
 
-/// The context a password is bound to: the column and the endpoint it is sent to.
-pub fn password_context(
-    host: &str,
-    port: i32,
-    username: Option<&str>,
-    server_name: Option<&str>,
-) -> Vec<u8> {
-    // Length-prefixed fields, so no two different endpoints give the same bytes.
+/// Where and how a password is sent: what it is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint<'a> {
+    pub host: &'a str,
+    pub port: i32,
+    pub username: Option<&'a str>,
+    pub use_tls: bool,
+    pub ca_cert: Option<&'a str>,
+    pub server_name: Option<&'a str>,
+}
+
+/// The context a password is bound to: the column and its endpoint.
+pub fn password_context(e: &Endpoint<'_>) -> Vec<u8> {
+    // Length-prefixed fields (NUL standing for NULL, which no text holds), so no two different
+    // endpoints give the same bytes.
     let mut out = Vec::new();
     for field in [
         "mqtt_broker.password",
-        host,
-        &port.to_string(),
-        username.unwrap_or("\u{0}"),
-        server_name.unwrap_or("\u{0}"),
+        e.host,
+        &e.port.to_string(),
+        e.username.unwrap_or("\u{0}"),
+        if e.use_tls { "tls" } else { "plain" },
+        e.ca_cert.unwrap_or("\u{0}"),
+        e.server_name.unwrap_or("\u{0}"),
     ] {
         out.extend_from_slice(&(field.len() as u32).to_be_bytes());
         out.extend_from_slice(field.as_bytes());
@@ -136,19 +147,45 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn endpoint(host: &str) -> Endpoint<'_> {
+        Endpoint {
+            host,
+            port: 8883,
+            username: Some("odoo"),
+            use_tls: true,
+            ca_cert: None,
+            server_name: None,
+        }
+    }
+
     #[test]
     fn round_trip_and_binding() {
         let key = new_key().unwrap();
-        let ctx = password_context("broker.example", 8883, Some("odoo"), None);
+        let ctx = password_context(&endpoint("broker.example"));
         let sealed = seal(&key, &ctx, b"s3cret").unwrap();
         assert_eq!(open(&key, &ctx, &sealed).unwrap(), b"s3cret");
         assert!(!sealed.windows(6).any(|w| w == b"s3cret"));
         // Another host, port, user, server name, column or server key: refused.
+        let base = endpoint("broker.example");
         for other in [
-            password_context("evil.example", 8883, Some("odoo"), None),
-            password_context("broker.example", 1883, Some("odoo"), None),
-            password_context("broker.example", 8883, None, None),
-            password_context("broker.example", 8883, Some("odoo"), Some("x")),
+            password_context(&endpoint("evil.example")),
+            password_context(&Endpoint { port: 1883, ..base }),
+            password_context(&Endpoint {
+                username: None,
+                ..base
+            }),
+            password_context(&Endpoint {
+                use_tls: false,
+                ..base
+            }),
+            password_context(&Endpoint {
+                ca_cert: Some("-----BEGIN CERTIFICATE-----"),
+                ..base
+            }),
+            password_context(&Endpoint {
+                server_name: Some("x"),
+                ..base
+            }),
             client_key_context(),
         ] {
             assert_eq!(
@@ -166,10 +203,15 @@ mod tests {
 
     #[test]
     fn contexts_do_not_collide_on_field_boundaries() {
-        assert_ne!(
-            password_context("ab", 1, Some("c"), None),
-            password_context("a", 1, Some("bc"), None)
-        );
+        let ab = Endpoint {
+            username: Some("c"),
+            ..endpoint("ab")
+        };
+        let a = Endpoint {
+            username: Some("bc"),
+            ..endpoint("a")
+        };
+        assert_ne!(password_context(&ab), password_context(&a));
     }
 
     proptest! {

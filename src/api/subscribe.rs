@@ -37,31 +37,90 @@ fn _mqtt_subscribe(
         );
     }
     access::require(filter, Operation::Subscribe);
+    let caller = Caller::now();
     security::as_extension_owner(|| {
         broker::with_broker(broker, |client, schema, b| {
-            client
-            .update(
-                &format!(
-                    "INSERT INTO {schema}.mqtt_topic (broker_id, name, qos, subscribe, active) \
-                     VALUES ($1, $2, $3, true, true) \
-                     ON CONFLICT (broker_id, name) DO UPDATE \
-                     SET qos = EXCLUDED.qos, subscribe = true, active = true, write_date = pg_catalog.now() \
-                     RETURNING id"
-                ),
-                None,
-                &[b.id.into(), filter.into(), (qos as i16).into()],
-            )
-            .ok()
-            .and_then(|t| t.first().get_one::<i32>().ok().flatten())
-            .unwrap_or_else(|| {
-                errors::raise(
-                    errors::NOT_IN_PREREQUISITE_STATE,
-                    "could not store the subscription",
+            // The row of another role (its owner_role) is left alone unless the caller
+            // administers mqtt_topic: a device with a rule must not lower or take over the
+            // owner's subscription.
+            let id = client
+                .update(
+                    &format!(
+                        "INSERT INTO {schema}.mqtt_topic (broker_id, name, qos, subscribe, active, owner_role) \
+                         VALUES ($1, $2, $3, true, true, $4) \
+                         ON CONFLICT (broker_id, name) DO UPDATE \
+                         SET qos = EXCLUDED.qos, subscribe = true, active = true, \
+                             owner_role = EXCLUDED.owner_role, write_date = pg_catalog.now() \
+                         WHERE $5 OR {schema}.mqtt_topic.owner_role OPERATOR(pg_catalog.=) $4 \
+                         RETURNING id"
+                    ),
                     None,
+                    &[
+                        b.id.into(),
+                        filter.into(),
+                        (qos as i16).into(),
+                        caller.name.as_str().into(),
+                        caller.admin.into(),
+                    ],
                 )
-            })
+                .ok()
+                .and_then(|t| t.first().get_one::<i32>().ok().flatten());
+            id.unwrap_or_else(|| not_yours(client, schema, b, filter))
         })
     })
+}
+
+/// The role calling, and whether it administers `mqtt_topic` (may UPDATE it directly, as the
+/// database owner does): read before acting as the extension owner.
+struct Caller {
+    name: String,
+    admin: bool,
+}
+
+impl Caller {
+    fn now() -> Caller {
+        let table = format!("{}.mqtt_topic", crate::catalog::schema());
+        let (name, admin) = Spi::get_two_with_args::<String, bool>(
+            "SELECT current_user::text, pg_catalog.has_table_privilege($1, 'UPDATE')",
+            &[table.as_str().into()],
+        )
+        .unwrap_or((None, None));
+        Caller {
+            name: name.unwrap_or_default(),
+            admin: admin.unwrap_or(false),
+        }
+    }
+}
+
+/// Raise 42501 for a subscription row that belongs to another role.
+fn not_yours(
+    client: &pgrx::spi::SpiClient<'_>,
+    schema: &str,
+    b: &broker::Broker,
+    filter: &str,
+) -> ! {
+    let owner = client
+        .select(
+            &format!(
+                "SELECT owner_role FROM {schema}.mqtt_topic \
+                 WHERE broker_id OPERATOR(pg_catalog.=) $1 AND name OPERATOR(pg_catalog.=) $2"
+            ),
+            Some(1),
+            &[b.id.into(), filter.into()],
+        )
+        .ok()
+        .and_then(|t| t.first().get_one::<String>().ok().flatten());
+    errors::raise(
+        errors::INSUFFICIENT_PRIVILEGE,
+        format!(
+            "the subscription to \"{filter}\" on broker \"{}\" belongs to {}",
+            b.name,
+            owner.map_or("the database owner".to_string(), |o| format!(
+                "role \"{o}\""
+            ))
+        ),
+        Some("Only its role, or a role that may UPDATE mqtt_topic, can change or remove it."),
+    )
 }
 
 /// Stop subscribing to `topic_filter`; true if it was subscribed. The `mqtt_topic` row stays
@@ -70,20 +129,41 @@ fn _mqtt_subscribe(
 fn mqtt_unsubscribe(topic_filter: Option<&str>, broker: default!(Option<&str>, "NULL")) -> bool {
     let filter = checked_filter(topic_filter);
     access::require(filter, Operation::Subscribe);
+    let caller = Caller::now();
     security::as_extension_owner(|| {
         broker::with_broker(broker, |client, schema, b| {
-            client
-            .update(
-                &format!(
-                    "UPDATE {schema}.mqtt_topic SET subscribe = false, write_date = pg_catalog.now() \
-                     WHERE broker_id OPERATOR(pg_catalog.=) $1 AND name OPERATOR(pg_catalog.=) $2 \
-                     AND subscribe RETURNING id"
-                ),
-                None,
-                &[b.id.into(), filter.into()],
-            )
-            .map(|t| !t.is_empty())
-            .unwrap_or(false)
+            let row = client
+                .update(
+                    &format!(
+                        "SELECT id, ($3 OR owner_role OPERATOR(pg_catalog.=) $4) FROM {schema}.mqtt_topic \
+                         WHERE broker_id OPERATOR(pg_catalog.=) $1 AND name OPERATOR(pg_catalog.=) $2 \
+                         AND subscribe FOR UPDATE"
+                    ),
+                    None,
+                    &[
+                        b.id.into(),
+                        filter.into(),
+                        caller.admin.into(),
+                        caller.name.as_str().into(),
+                    ],
+                )
+                .ok()
+                .and_then(|t| t.first().get_two::<i32, bool>().ok());
+            match row {
+                Some((Some(id), Some(true))) => {
+                    let _ = client.update(
+                        &format!(
+                            "UPDATE {schema}.mqtt_topic SET subscribe = false, write_date = pg_catalog.now() \
+                             WHERE id OPERATOR(pg_catalog.=) $1"
+                        ),
+                        None,
+                        &[id.into()],
+                    );
+                    true
+                }
+                Some((Some(_), _)) => not_yours(client, schema, b, filter),
+                _ => false,
+            }
         })
     })
 }

@@ -38,9 +38,17 @@ impl Operation {
     }
 }
 
+/// Rules per role oid, read in one (sub)transaction.
+struct Cache {
+    /// Rules read in another subtransaction may come from rows a ROLLBACK TO SAVEPOINT has
+    /// undone since (or miss rows its RELEASE brought in): read again.
+    subxact: pg_sys::SubTransactionId,
+    rules: HashMap<u32, Vec<Rule>>,
+}
+
 thread_local! {
-    /// Rules per role oid, for the current transaction only.
-    static CACHE: RefCell<Option<HashMap<u32, Vec<Rule>>>> = const { RefCell::new(None) };
+    /// For the current transaction only.
+    static CACHE: RefCell<Option<Cache>> = const { RefCell::new(None) };
 }
 
 fn forget() {
@@ -52,19 +60,33 @@ fn forget() {
     });
 }
 
-/// The rules that apply to `role`: its own, those of roles whose privileges it inherits, and
-/// those for 'public'. Read as the extension's owner, since the role itself need not be able to
+/// Run `f` on the rules that apply to `role`: its own, those of roles whose privileges it
+/// inherits, and those for 'public'. Read as the extension's owner, since the role itself need not be able to
 /// read the table.
-fn rules_for(role: pg_sys::Oid) -> Vec<Rule> {
-    if let Some(hit) = CACHE.with(|c| {
+fn with_rules<R>(role: pg_sys::Oid, f: impl FnOnce(&[Rule]) -> R) -> R {
+    let key = role.to_u32();
+    // SAFETY: a plain read of the transaction state.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let cached = CACHE.with(|c| {
         c.borrow()
             .as_ref()
-            .and_then(|m| m.get(&role.to_u32()).cloned())
-    }) {
-        return hit;
+            .is_some_and(|c| c.subxact == subxact && c.rules.contains_key(&key))
+    });
+    if !cached {
+        remember(subxact, key, load_rules(role));
     }
+    CACHE.with(|c| {
+        let c = c.borrow();
+        f(c.as_ref()
+            .and_then(|c| c.rules.get(&key))
+            .map_or(&[], Vec::as_slice))
+    })
+}
+
+/// Read `role`'s rules from the table.
+fn load_rules(role: pg_sys::Oid) -> Vec<Rule> {
     let schema = catalog::schema();
-    let rules = security::as_extension_owner(|| {
+    security::as_extension_owner(|| {
         Spi::connect(|client| {
             let rows = client.select(
                 &format!(
@@ -95,7 +117,10 @@ fn rules_for(role: pg_sys::Oid) -> Vec<Rule> {
             }
             out
         })
-    });
+    })
+}
+
+fn remember(subxact: pg_sys::SubTransactionId, key: u32, rules: Vec<Rule>) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
@@ -108,10 +133,18 @@ fn rules_for(role: pg_sys::Oid) -> Vec<Rule> {
                 register_xact_callback(event, forget);
             }
         }
-        c.get_or_insert_with(HashMap::new)
-            .insert(role.to_u32(), rules.clone());
+        let cache = c.get_or_insert_with(|| Cache {
+            subxact,
+            rules: HashMap::new(),
+        });
+        if cache.subxact != subxact {
+            *cache = Cache {
+                subxact,
+                rules: HashMap::new(),
+            };
+        }
+        cache.rules.insert(key, rules);
     });
-    rules
 }
 
 /// The decision for `role` (superusers are never checked).
@@ -119,11 +152,10 @@ pub fn allowed(role: pg_sys::Oid, topic: &str, op: Operation) -> bool {
     if security::is_superuser(role) {
         return true;
     }
-    let rules = rules_for(role);
-    match op {
-        Operation::Publish => acl::may_publish(&rules, topic),
-        Operation::Subscribe => acl::may_subscribe(&rules, topic),
-    }
+    with_rules(role, |rules| match op {
+        Operation::Publish => acl::may_publish(rules, topic),
+        Operation::Subscribe => acl::may_subscribe(rules, topic),
+    })
 }
 
 /// Raise 42501 unless the current role may `op` `topic`. Nothing has been written yet when

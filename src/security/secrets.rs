@@ -99,14 +99,28 @@ fn _mqtt_seal_password(
     host: Option<&str>,
     port: Option<i32>,
     username: Option<&str>,
+    use_tls: Option<bool>,
+    ca_cert: Option<&str>,
     tls_server_name: Option<&str>,
 ) -> Vec<u8> {
-    let context = secret::password_context(
-        host.unwrap_or(""),
-        port.unwrap_or(0),
+    if password.len() > 65_535 {
+        errors::raise(
+            INVALID_PARAMETER,
+            format!(
+                "mqtt_broker.password is {} bytes; MQTT allows 65,535",
+                password.len()
+            ),
+            None,
+        );
+    }
+    let context = secret::password_context(&secret::Endpoint {
+        host: host.unwrap_or(""),
+        port: port.unwrap_or(0),
         username,
-        tls_server_name,
-    );
+        use_tls: use_tls.unwrap_or(false),
+        ca_cert,
+        server_name: tls_server_name,
+    });
     sealed(&context, password)
 }
 
@@ -140,10 +154,7 @@ fn _mqtt_seal_client_key(client_key: &str, client_cert: Option<&str>) -> Vec<u8>
 
 /// What the worker needs to open one broker's secrets.
 pub struct Sealed<'a> {
-    pub host: &'a str,
-    pub port: i32,
-    pub username: Option<&'a str>,
-    pub tls_server_name: Option<&'a str>,
+    pub endpoint: secret::Endpoint<'a>,
     pub password: Option<Vec<u8>>,
     pub client_key: Option<Vec<u8>>,
 }
@@ -172,7 +183,7 @@ pub fn open(broker: &str, s: &Sealed<'_>) -> Result<(Option<String>, Option<Stri
     };
     let password = one(
         "password",
-        secret::password_context(s.host, s.port, s.username, s.tls_server_name),
+        secret::password_context(&s.endpoint),
         &s.password,
     )?;
     let client_key = one("client_key", secret::client_key_context(), &s.client_key)?;

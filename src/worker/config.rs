@@ -49,13 +49,18 @@ pub fn load(schema: &str) -> Vec<Loaded> {
             let host = get_s(3).unwrap_or_default();
             let username = get_s(5);
             let server_name = get_s(14);
+            let ca_cert = get_s(15);
             let secrets = secrets::open(
                 &name,
                 &secrets::Sealed {
-                    host: &host,
-                    port: get_i(4),
-                    username: username.as_deref(),
-                    tls_server_name: server_name.as_deref(),
+                    endpoint: mqtt_pg_core::secret::Endpoint {
+                        host: &host,
+                        port: get_i(4),
+                        username: username.as_deref(),
+                        use_tls: get_b(7),
+                        ca_cert: ca_cert.as_deref(),
+                        server_name: server_name.as_deref(),
+                    },
                     password: get_bytes(6),
                     client_key: get_bytes(17),
                 },
@@ -82,7 +87,7 @@ pub fn load(schema: &str) -> Vec<Loaded> {
                     username,
                     password,
                     tls: get_b(7).then(|| TlsSettings {
-                        ca_cert: get_s(15),
+                        ca_cert,
                         client_cert: get_s(16),
                         client_key,
                         server_name,

@@ -92,7 +92,7 @@ def test_password_is_write_only_for_the_owner(pg, odoo, auth_mosq, topic):
     assert SECRET not in everything
     # The owner may not forge or copy the sealed form, nor call the sealing functions.
     for stmt in ("UPDATE mqtt_broker SET password_sealed = NULL",
-                 "SELECT _mqtt_seal_password('x', 'h', 1, 'u', NULL)",
+                 "SELECT _mqtt_seal_password('x', 'h', 1, 'u', false, NULL, NULL)",
                  "SELECT _mqtt_seal_client_key('x', NULL)"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute(stmt)
@@ -207,22 +207,25 @@ class CutProxy:
         except OSError:
             pass
         # One side closed: close the other too, as the network would once the peer is gone.
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
+        CutProxy._close(src, dst)
 
-    def cut(self, hold: float = 0.0):
+    @staticmethod
+    def _close(*socks):
         import socket
-        self.down_until = time.monotonic() + hold
-        for s in self.conns:
+        # shutdown first: it wakes a thread blocked in recv on the same socket, and sends the
+        # FIN at once. A bare close() while another thread is in recv() defers both.
+        for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
-                s.close()
             except OSError:
                 pass
-        self.conns = []
+        for s in socks:
+            s.close()
+
+    def cut(self, hold: float = 0.0):
+        self.down_until = time.monotonic() + hold
+        conns, self.conns = self.conns, []
+        self._close(*conns)
 
     def close(self):
         self.stop = True
@@ -500,3 +503,108 @@ def test_publish_path_ignores_the_callers_search_path_tricks(pg, odoo, mosq, top
     assert d.execute("SELECT count(*) FROM pg_temp.mqtt_outbox").fetchone()[0] == 0
     assert o.execute("SELECT count(*) FROM public.mqtt_outbox WHERE topic = 'dev/a'").fetchone()[0] == 3
     assert not is_superuser(pg, dev)
+
+
+# ---- found by a hostile review ----------------------------------------------------------------
+
+def test_the_extension_schema_cannot_be_renamed(pg, odoo):
+    """In PostgreSQL 15 the owner owns public: renamed, and replaced by a schema of its own, its
+    functions and views would be what mqtt_pg's triggers and worker run as a superuser."""
+    db, owner, connect = odoo
+    o = connect()
+    with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+        o.execute("ALTER SCHEMA public RENAME TO realpub")
+    assert "mqtt_pg" in str(e.value) and e.value.diag.message_hint
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        o.execute("DO $$ BEGIN EXECUTE 'ALTER SCHEMA public RENAME TO realpub'; END $$")
+    with pg.connect(db) as su:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            su.execute("ALTER SCHEMA public RENAME TO realpub")
+    # Other schemas rename as ever.
+    o.execute("CREATE SCHEMA mine")
+    o.execute("ALTER SCHEMA mine RENAME TO yours")
+    assert o.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'public'").fetchone()[0] == 1
+    assert not is_superuser(pg, owner)
+
+
+def test_password_is_cleared_when_tls_is_turned_off_or_the_ca_changes(odoo):
+    _, _, connect = odoo
+    o = connect()
+    notices = []
+    o.add_notice_handler(lambda n: notices.append(n.message_primary))
+    o.execute("INSERT INTO mqtt_broker (name, host, port, use_tls, username, password) "
+              "VALUES ('b', 'broker.example', 8883, true, 'odoo', 'pw')")
+    for change in ("use_tls = false", "ca_cert = %s"):
+        o.execute("UPDATE mqtt_broker SET use_tls = true, password = 'pw'")
+        assert o.execute("SELECT has_password FROM mqtt_broker").fetchone()[0] is True
+        from certs import make_certs
+        args = (make_certs().text("otherca.pem"),) if "%s" in change else ()
+        o.execute(f"UPDATE mqtt_broker SET {change}", args)
+        assert o.execute("SELECT has_password FROM mqtt_broker").fetchone()[0] is False, change
+    assert sum("cleared" in n for n in notices) == 2
+
+
+def test_a_rule_rolled_back_to_a_savepoint_no_longer_allows(odoo):
+    _, owner, connect = odoo
+    o = connect()
+    o.execute("INSERT INTO mqtt_broker (name, host, is_default) VALUES ('b', 'localhost', true)")
+    o.execute("DELETE FROM mqtt_access_control")
+    with connect(autocommit=False) as tx:
+        tx.execute("SAVEPOINT s")
+        tx.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_publish) VALUES (current_user, 'x/#', true)")
+        tx.execute("SELECT mqtt_publish('x/1', 'a')")
+        tx.execute("ROLLBACK TO SAVEPOINT s")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            tx.execute("SELECT mqtt_publish('x/2', 'b')")
+        tx.rollback()
+        # A rule released from a savepoint keeps applying.
+        tx.execute("SAVEPOINT s")
+        tx.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_publish) VALUES (current_user, 'x/#', true)")
+        tx.execute("RELEASE SAVEPOINT s")
+        tx.execute("SELECT mqtt_publish('x/3', 'c')")
+        tx.rollback()
+
+
+def test_a_rule_only_role_cannot_take_over_anothers_subscription(odoo, mosq):
+    _, owner, connect = odoo
+    o = connect()
+    o.execute("INSERT INTO mqtt_broker (name, host, port, is_default) VALUES ('b', %s, %s, true)", (HOST, mosq.port))
+    dev = connect.new_role("dev")
+    o.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_subscribe) VALUES (%s, 'dev/#', true)", (dev,))
+    o.execute("SELECT mqtt_subscribe('dev/p1/#', 2)")
+    d = connect(dev)
+    for stmt in ("SELECT mqtt_subscribe('dev/p1/#', 0)", "SELECT mqtt_unsubscribe('dev/p1/#')"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="belongs to"):
+            d.execute(stmt)
+    assert o.execute("SELECT qos, subscribe, owner_role FROM mqtt_topic WHERE name = 'dev/p1/#'").fetchone() == (2, True, owner)
+    # Its own subscription is its own to change and remove; the owner may change any.
+    d.execute("SELECT mqtt_subscribe('dev/p2/#', 1)")
+    assert o.execute("SELECT owner_role FROM mqtt_topic WHERE name = 'dev/p2/#'").fetchone()[0] == dev
+    d.execute("SELECT mqtt_subscribe('dev/p2/#', 2)")
+    assert d.execute("SELECT mqtt_unsubscribe('dev/p2/#')").fetchone()[0] is True
+    d.execute("SELECT mqtt_subscribe('dev/p2/#', 1)")
+    assert o.execute("SELECT mqtt_unsubscribe('dev/p2/#')").fetchone()[0] is True
+    # A direct write cannot claim another role's name.
+    o.execute(f'GRANT SELECT, INSERT, UPDATE ON mqtt_topic TO "{dev}"')
+    o.execute(f'GRANT USAGE ON SEQUENCE mqtt_topic_id_seq TO "{dev}"')
+    o.execute(f'GRANT SELECT ON mqtt_broker TO "{dev}"')
+    d.execute("INSERT INTO mqtt_topic (broker_id, name, subscribe, owner_role) SELECT id, 'dev/p3', true, %s FROM mqtt_broker",
+              (owner,))
+    assert o.execute("SELECT owner_role FROM mqtt_topic WHERE name = 'dev/p3'").fetchone()[0] == dev
+
+
+def test_forged_sealed_values_and_over_long_fields_are_refused(odoo):
+    from certs import make_certs
+    _, _, connect = odoo
+    o = connect()
+    cert = make_certs().text("client.pem")
+    for cols, vals in ((("password_sealed",), (b"\x01",)), (("password_sealed",), (b"\x02" + b"x" * 40,)),
+                       (("client_key_sealed", "client_cert"), (b"\x01" * 2_000_000, cert)),
+                       (("username",), ("u" * 65536,)), (("client_id",), ("c" * 65536,)),
+                       (("will_topic", "will_payload"), ("t", "p" * 65536))):
+        with pytest.raises(psycopg.errors.CheckViolation):
+            o.execute(sql.SQL("INSERT INTO mqtt_broker (name, host, {}) VALUES ('f', 'h', {})").format(
+                sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(sql.Placeholder() * len(vals))), vals)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="65,535"):
+        o.execute("INSERT INTO mqtt_broker (name, host, password) VALUES ('f', 'h', %s)", ("p" * 65536,))
+    assert o.execute("SELECT count(*) FROM mqtt_broker").fetchone()[0] == 0

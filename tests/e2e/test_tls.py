@@ -75,7 +75,7 @@ def test_delivery_both_ways_over_tls(conn, tls_mosq, certs, make_broker, topic):
 
 
 @pytest.mark.parametrize("key_file", ["client.key", "client_rsa.key", "client_rsa_pkcs1.key"])
-def test_mutual_tls(conn, tls_mosq, certs, make_broker, topic, key_file):
+def test_mutual_tls(pg, conn, tls_mosq, certs, make_broker, topic, key_file):
     cert_file = "client.pem" if key_file == "client.key" else "client_rsa.pem"
     b = tls_broker(make_broker, certs, tls_mosq.tls_ports["mtls"], host="127.0.0.1",
                    client_cert=certs.text(cert_file), client_key=certs.text(key_file))
@@ -84,6 +84,11 @@ def test_mutual_tls(conn, tls_mosq, certs, make_broker, topic, key_file):
         assert sub.wait_count(1)[0][1] == b"over mtls"
     row = conn.execute("SELECT client_key, has_client_key FROM mqtt_broker WHERE id = %s", (b.id,)).fetchone()
     assert row == (None, True)
+    # The key is in no column, status or log line.
+    seen = " ".join(str(v) for v in conn.execute("SELECT * FROM mqtt_broker WHERE id = %s", (b.id,)).fetchone())
+    seen += str(conn.execute("SELECT mqtt_status(%s)", (b.name,)).fetchone()[0]) + pg.log_text()
+    for line in certs.text(key_file).splitlines()[1:-1]:
+        assert line not in seen
 
 
 def test_broker_demands_a_client_certificate(conn, tls_mosq, certs, make_broker):
