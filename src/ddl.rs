@@ -147,44 +147,64 @@ fn step_aside(dbname: &CStr) {
     }
 }
 
-/// Refuse `ALTER SCHEMA ... RENAME` of the schema mqtt_pg lives in. The extension's SQL bodies,
-/// its backends and its worker name their objects by schema name; in PostgreSQL 15 the
-/// database owner owns `public` and could rename it and put a schema of its own, with tables,
-/// views and functions of the same names, in its place, to be run by the worker as a superuser.
+/// Refuse `ALTER SCHEMA ... RENAME` of the schema mqtt_pg lives in, and (below superuser) its
+/// `DROP SCHEMA`. The extension's SQL bodies, its backends and its worker name their objects by
+/// schema name; in PostgreSQL 15 the database owner owns `public`, and a schema renamed, or
+/// dropped (taking the extension with it), could be replaced by one of its own with tables,
+/// views and functions of the same names, for a backend or the worker that still has the name
+/// to run as a superuser.
 ///
 /// # Safety
 /// `stmt` must be a valid parse tree node or null; call inside a transaction.
-unsafe fn refuse_schema_rename(stmt: *mut pg_sys::Node) {
+unsafe fn guard_extension_schema(stmt: *mut pg_sys::Node) {
     unsafe {
-        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_RenameStmt {
+        if stmt.is_null() || !pg_sys::IsTransactionState() {
             return;
         }
-        let s = stmt as *mut pg_sys::RenameStmt;
-        if (*s).renameType != pg_sys::ObjectType::OBJECT_SCHEMA
-            || (*s).subname.is_null()
-            || !pg_sys::IsTransactionState()
-        {
-            return;
-        }
-        let nsp = pg_sys::get_namespace_oid((*s).subname, true);
-        if nsp == pg_sys::InvalidOid {
-            return;
-        }
+        let (names, verb): (Vec<*mut std::ffi::c_char>, &str) = match (*stmt).type_ {
+            pg_sys::NodeTag::T_RenameStmt => {
+                let s = stmt as *mut pg_sys::RenameStmt;
+                if (*s).renameType != pg_sys::ObjectType::OBJECT_SCHEMA || (*s).subname.is_null() {
+                    return;
+                }
+                (vec![(*s).subname], "rename")
+            }
+            pg_sys::NodeTag::T_DropStmt => {
+                let s = stmt as *mut pg_sys::DropStmt;
+                if (*s).removeType != pg_sys::ObjectType::OBJECT_SCHEMA
+                    || (*s).objects.is_null()
+                    || pg_sys::superuser()
+                {
+                    return;
+                }
+                let list = (*s).objects;
+                let names = (0..(*list).length as usize)
+                    .map(|i| (*(*list).elements.add(i)).ptr_value as *mut pg_sys::Node)
+                    .filter(|n| !n.is_null() && (**n).type_ == pg_sys::NodeTag::T_String)
+                    .map(|n| (*(n as *mut pg_sys::String)).sval)
+                    .collect();
+                (names, "drop")
+            }
+            _ => return,
+        };
         let ours = Spi::get_one::<pg_sys::Oid>(
             "SELECT extnamespace FROM pg_catalog.pg_extension \
              WHERE extname OPERATOR(pg_catalog.=) 'mqtt_pg'",
         )
         .ok()
         .flatten();
-        if ours == Some(nsp) {
-            crate::errors::raise(
-                crate::errors::INSUFFICIENT_PRIVILEGE,
-                format!(
-                    "cannot rename schema \"{}\": extension mqtt_pg is installed in it",
-                    CStr::from_ptr((*s).subname).to_string_lossy()
-                ),
-                Some("mqtt_pg refers to its tables and functions by schema name. To move it, DROP EXTENSION mqtt_pg and create it again in the schema wanted (as a superuser)."),
-            );
+        let Some(ours) = ours else { return };
+        for name in names.into_iter().filter(|n| !n.is_null()) {
+            if pg_sys::get_namespace_oid(name, true) == ours {
+                crate::errors::raise(
+                    crate::errors::INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "cannot {verb} schema \"{}\": extension mqtt_pg is installed in it",
+                        CStr::from_ptr(name).to_string_lossy()
+                    ),
+                    Some("mqtt_pg refers to its tables and functions by schema name. A superuser can DROP EXTENSION mqtt_pg first (and create it again in another schema)."),
+                );
+            }
         }
     }
 }
@@ -203,7 +223,7 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     // SAFETY: Postgres hands us a valid PlannedStmt; we only read its utility statement.
     unsafe {
-        refuse_schema_rename((*pstmt).utilityStmt);
+        guard_extension_schema((*pstmt).utilityStmt);
         if let Some(db) = exclusive_database((*pstmt).utilityStmt) {
             step_aside(db);
         }

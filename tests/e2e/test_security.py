@@ -520,9 +520,14 @@ def test_the_extension_schema_cannot_be_renamed(pg, odoo):
     with pg.connect(db) as su:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             su.execute("ALTER SCHEMA public RENAME TO realpub")
-    # Other schemas rename as ever.
+    # Nor dropped, by its owner, with the extension in it.
+    for stmt in ("DROP SCHEMA public CASCADE", "DROP SCHEMA IF EXISTS nothing_here, public CASCADE"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="mqtt_pg"):
+            o.execute(stmt)
+    # Other schemas rename and drop as ever.
     o.execute("CREATE SCHEMA mine")
     o.execute("ALTER SCHEMA mine RENAME TO yours")
+    o.execute("DROP SCHEMA yours")
     assert o.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'public'").fetchone()[0] == 1
     assert not is_superuser(pg, owner)
 
