@@ -452,7 +452,7 @@ fn attempts_within(
 fn tls_failures_back_off() {
     let broker = tls_broker("server-other-ca", false, None, "");
     // Counts the TCP connections: mosquitto's log of failed handshakes is not one line each.
-    let relay = Relay::start(broker.port);
+    let relay = Proxy::relay(broker.port);
     let mut h = Harness::new(1024);
     // With min 100 ms and max 1 s the delays are >= 50, 100, 200, 400, 500 ms: at most 6
     // attempts fit in 2 s; without a backoff there would be hundreds.

@@ -1261,7 +1261,9 @@ pub type ProxyRule = dyn Fn(&Packet) -> bool + Send + Sync;
 
 /// A TCP proxy between the engine and a broker that reads the broker's packets and, when
 /// `cut` says so, drops that packet and closes both sides instead (at most `cuts` times).
-/// Everything else is passed through unchanged. Its threads stop (and are joined) on drop.
+/// Everything else is passed through unchanged. [`Proxy::relay`] passes bytes without reading
+/// them (for TLS, which the packet reader cannot see into). Its threads stop (and are joined)
+/// on drop.
 pub struct Proxy {
     pub port: u16,
     /// Connections cut so far.
@@ -1276,6 +1278,19 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: u16, cuts: usize, cut: Box<ProxyRule>) -> Proxy {
+        Proxy::with_rule(upstream, cuts, Some(Arc::from(cut)))
+    }
+
+    /// A byte-for-byte relay that only counts the connections made through it.
+    pub fn relay(upstream: u16) -> Proxy {
+        Proxy::with_rule(upstream, 0, None)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Acquire)
+    }
+
+    fn with_rule(upstream: u16, cuts: usize, cut: Option<Arc<ProxyRule>>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -1284,7 +1299,6 @@ impl Proxy {
         let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
         let cut_count = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let cut: Arc<ProxyRule> = Arc::from(cut);
         let (st, so, th, cc, acc) = (
             stop.clone(),
             sockets.clone(),
@@ -1323,10 +1337,17 @@ impl Proxy {
                     let _ = s_out.shutdown(std::net::Shutdown::Both);
                     let _ = c_in.shutdown(std::net::Shutdown::Both);
                 });
-                // Broker to client: packet by packet, through the rule.
+                // Broker to client: packet by packet, through the rule (bytes as they come
+                // for a plain relay).
                 let (mut s_in, mut c_out) = (server, client);
                 let (rule, cc) = (cut.clone(), cc.clone());
                 let down = std::thread::spawn(move || {
+                    let Some(rule) = rule else {
+                        let _ = std::io::copy(&mut s_in, &mut c_out);
+                        let _ = s_in.shutdown(std::net::Shutdown::Both);
+                        let _ = c_out.shutdown(std::net::Shutdown::Both);
+                        return;
+                    };
                     loop {
                         let raw = match read_raw(&mut s_in) {
                             Ok(Some(r)) => r,
@@ -1377,93 +1398,6 @@ impl Proxy {
 }
 
 impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.accept_thread.take() {
-            let _ = t.join();
-        }
-        for s in self.sockets.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        for t in self.threads.lock().unwrap().drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A byte-for-byte TCP relay to a broker that counts the connections made through it: for TLS,
-/// which the packet-aware [`Proxy`] cannot read. Its threads stop (and are joined) on drop.
-pub struct Relay {
-    pub port: u16,
-    /// Connections accepted so far.
-    pub accepted: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    sockets: Arc<Mutex<Vec<TcpStream>>>,
-    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
-    accept_thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Relay {
-    pub fn start(upstream: u16) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let sockets: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (st, so, th, acc) = (
-            stop.clone(),
-            sockets.clone(),
-            threads.clone(),
-            accepted.clone(),
-        );
-        let accept_thread = std::thread::spawn(move || {
-            while !st.load(Ordering::Acquire) {
-                let client = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
-                    Err(e) => panic!("relay accept: {e}"),
-                };
-                acc.fetch_add(1, Ordering::AcqRel);
-                client.set_nonblocking(false).unwrap();
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    continue;
-                };
-                so.lock()
-                    .unwrap()
-                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    th.lock().unwrap().push(std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                    }));
-                }
-            }
-        });
-        Relay {
-            port,
-            accepted,
-            stop,
-            sockets,
-            threads,
-            accept_thread: Some(accept_thread),
-        }
-    }
-
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.accept_thread.take() {
