@@ -1164,17 +1164,7 @@ fn backoff_grows_when_the_broker_drops_us_after_connack() {
     let t0 = Instant::now();
     let window = Duration::from_secs(4);
     let timeline = h.collect_for(window);
-    let shown = timeline
-        .iter()
-        .map(|(t, e)| {
-            format!(
-                "  +{}ms {}",
-                t.duration_since(t0).as_millis(),
-                describe_one(e)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let shown = show_timeline(t0, &timeline);
     eprintln!("timeline against a broker that drops us after CONNACK:\n{shown}");
 
     let mut connecting = Vec::new();

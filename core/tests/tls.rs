@@ -413,17 +413,7 @@ fn attempts_within(
     h.engine().set_brokers(vec![cfg]);
     let t0 = Instant::now();
     let timeline = h.collect_for(window);
-    let shown = timeline
-        .iter()
-        .map(|(t, e)| {
-            format!(
-                "  +{}ms {}",
-                t.duration_since(t0).as_millis(),
-                describe_one(e)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let shown = show_timeline(t0, &timeline);
     let mut connecting = 0;
     for (_, e) in &timeline {
         match e {

@@ -667,6 +667,22 @@ pub fn describe(events: &[Event]) -> String {
     s
 }
 
+/// A timeline of events (as `Harness::collect_for` gives it), one line each with its time
+/// since `t0`: what a failing timing test prints.
+pub fn show_timeline(t0: Instant, timeline: &[(Instant, Event)]) -> String {
+    timeline
+        .iter()
+        .map(|(t, e)| {
+            format!(
+                "  +{}ms {}",
+                t.duration_since(t0).as_millis(),
+                describe_one(e)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn describe_one(e: &Event) -> String {
     match e {
         Event::Received(m) => {
