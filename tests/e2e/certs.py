@@ -44,6 +44,24 @@ def _leaf(d: Path, name: str, ca: str, san: str | None, client: bool = False,
              "-CAcreateserial", "-out", f"{name}.pem", "-days", "30", "-extfile", f"{name}.ext", cwd=d)
 
 
+def _expired(d: Path, name: str, san: str) -> None:
+    """A server certificate that expired in 2020: openssl 3.0's `x509 -req` cannot set past
+    dates, `openssl ca` can (it wants a small CA directory)."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    db = d / "ca-db"
+    (db / "new").mkdir(parents=True)
+    (db / "index.txt").write_text("")
+    (db / "serial").write_text("1000\n")
+    (d / "ca-db.cnf").write_text(
+        f"[ca]\ndefault_ca = test\n[test]\ndatabase = {db}/index.txt\nnew_certs_dir = {db}/new\n"
+        f"serial = {db}/serial\ncertificate = {d}/ca.pem\nprivate_key = {d}/ca.key\ndefault_md = sha256\n"
+        f"policy = any\nunique_subject = no\n[any]\ncommonName = supplied\n"
+        f"[ext]\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\nsubjectAltName = {san}\n")
+    _openssl("ca", "-batch", "-notext", "-config", "ca-db.cnf", "-extensions", "ext", "-in", f"{name}.csr",
+             "-startdate", "20200101000000Z", "-enddate", "20200102000000Z", "-out", f"{name}.pem", cwd=d)
+
+
 def make_certs() -> Certs:
     d = Path(tempfile.mkdtemp(prefix="mqtt_pg_e2e_certs_"))
     _ca(d, "ca")
@@ -52,6 +70,10 @@ def make_certs() -> Certs:
     _leaf(d, "named", "ca", "DNS:broker.test")
     _leaf(d, "client", "ca", None, client=True)
     _leaf(d, "client_rsa", "ca", None, client=True, keytype=("-newkey", "rsa:2048"))
+    _leaf(d, "client_ed25519", "ca", None, client=True, keytype=("-newkey", "ed25519"))
+    _expired(d, "expired", "DNS:localhost,IP:127.0.0.1")
+    # The ECDSA key (PKCS#8) in SEC1 form ("BEGIN EC PRIVATE KEY").
+    _openssl("ec", "-in", "client.key", "-out", "client_sec1.key", cwd=d)
     # The same RSA key in PKCS#1 form ("BEGIN RSA PRIVATE KEY").
     _openssl("pkey", "-in", "client_rsa.key", "-traditional", "-out", "client_rsa_pkcs1.key", cwd=d)
     return Certs(d)

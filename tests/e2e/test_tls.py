@@ -22,11 +22,12 @@ def tls_mosq(certs):
     broker.test."""
     from harness import Mosquitto
 
-    ports = {"tls": free_port(), "mtls": free_port(), "named": free_port()}
+    ports = {"tls": free_port(), "mtls": free_port(), "named": free_port(), "expired": free_port()}
     conf = "\n".join([
         tls_listener_conf(ports["tls"], certs),
         tls_listener_conf(ports["mtls"], certs, require_certificate=True),
         tls_listener_conf(ports["named"], certs, server="named"),
+        tls_listener_conf(ports["expired"], certs, server="expired"),
     ])
     m = Mosquitto(extra_conf=conf).start()
     m.tls_ports = ports
@@ -74,9 +75,11 @@ def test_delivery_both_ways_over_tls(conn, tls_mosq, certs, make_broker, topic):
     assert s["status"] == "connected" and s["reconnects"] == 0, s
 
 
-@pytest.mark.parametrize("key_file", ["client.key", "client_rsa.key", "client_rsa_pkcs1.key"])
+@pytest.mark.parametrize("key_file", ["client.key", "client_sec1.key", "client_rsa.key",
+                                     "client_rsa_pkcs1.key", "client_ed25519.key"])
 def test_mutual_tls(pg, conn, tls_mosq, certs, make_broker, topic, key_file):
-    cert_file = "client.pem" if key_file == "client.key" else "client_rsa.pem"
+    cert_file = {"client.key": "client.pem", "client_sec1.key": "client.pem",
+                 "client_ed25519.key": "client_ed25519.pem"}.get(key_file, "client_rsa.pem")
     b = tls_broker(make_broker, certs, tls_mosq.tls_ports["mtls"], host="127.0.0.1",
                    client_cert=certs.text(cert_file), client_key=certs.text(key_file))
     with mqtt_sub(tls_mosq.port, f"{topic}/m", qos=1) as sub:
@@ -103,6 +106,12 @@ def test_unknown_ca(conn, tls_mosq, certs, make_broker):
                    ca_cert=certs.text("otherca.pem"))
     conn.execute("SELECT mqtt_start_listener(%s)", (b.name,))
     wait_error(conn, b.name, "ca_cert")
+
+
+def test_expired_certificate(conn, tls_mosq, certs, make_broker):
+    b = tls_broker(make_broker, certs, tls_mosq.tls_ports["expired"], start=False, host="localhost")
+    conn.execute("SELECT mqtt_start_listener(%s)", (b.name,))
+    wait_error(conn, b.name, "expired")
 
 
 def test_system_roots_do_not_trust_a_private_ca(conn, tls_mosq, certs, make_broker):
