@@ -653,7 +653,10 @@ fn shutdown_within_timeout_while_backed_up() {
         broker.log_count(&format!("Sending PUBLISH to {cid}")) > 100
     });
     let engine = h.take_engine();
-    assert!(engine.has_events());
+    // The broker has sent them; the engine may not have read them off the socket yet.
+    wait_until("the engine holding undrained events", WAIT, || {
+        engine.has_events()
+    });
     let timeout = Duration::from_millis(500);
     let t = Instant::now();
     engine.shutdown(timeout);

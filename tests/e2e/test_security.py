@@ -613,3 +613,39 @@ def test_forged_sealed_values_and_over_long_fields_are_refused(odoo):
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="65,535"):
         o.execute("INSERT INTO mqtt_broker (name, host, password) VALUES ('f', 'h', %s)", ("p" * 65536,))
     assert o.execute("SELECT count(*) FROM mqtt_broker").fetchone()[0] == 0
+
+
+def test_odoo_writes_secrets_and_publishes_through_psycopg2(pg, odoo, mosq, topic):
+    """As Odoo does it: psycopg2, REPEATABLE READ, parameters inlined by the driver, a model
+    writing a field of mqtt_broker and a method calling mqtt_publish."""
+    import psycopg2
+    import psycopg2.extensions
+    db, owner, connect = odoo
+    cx = psycopg2.connect(host=HOST, port=pg.port, dbname=db, user=owner)
+    try:
+        cx.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+        cr = cx.cursor()
+        cr.execute("INSERT INTO mqtt_broker (name, host, port, username, is_default, active) "
+                   "VALUES (%s, %s, %s, %s, true, true) RETURNING id", ("odoo", HOST, mosq.port, "odoo"))
+        [broker_id] = cr.fetchone()
+        cx.commit()
+        # model.write({'password': ...}) on an _auto = False model
+        cr.execute("UPDATE mqtt_broker SET password = %s, write_date = now() WHERE id IN %s",
+                   (SECRET, (broker_id,)))
+        cx.commit()
+        cr.execute("SELECT password, has_password FROM mqtt_broker WHERE id = %s", (broker_id,))
+        assert cr.fetchone() == (None, True)
+        cx.commit()
+        with mqtt_sub(mosq.port, f"{topic}/#", qos=1) as sub:
+            cr.execute("SAVEPOINT odoo_sp")
+            cr.execute("SELECT mqtt_publish(%s, %s, 1)", (f"{topic}/rolled-back", "no"))
+            cr.execute("ROLLBACK TO SAVEPOINT odoo_sp")
+            cr.execute("SELECT mqtt_publish(%s, %s, 1)", (f"{topic}/order", '{"id": 7}'))
+            cx.commit()
+            got = sub.wait_count(1)
+            assert [(t, p) for t, p, *_ in got] == [(f"{topic}/order", b'{"id": 7}')]
+        cr.execute("SELECT mqtt_stop_listener()")
+        cx.commit()
+    finally:
+        cx.close()
+    assert SECRET not in pg.log_text()
