@@ -91,10 +91,12 @@ class FakeBroker:
                 conn.sendall(bytes(out))
                 self.served += 1
                 if garbage:
-                    # Garbage that announces a long packet would otherwise keep the worker
-                    # waiting for the rest until the keep-alive runs out.
-                    conn.shutdown(socket.SHUT_RDWR)
-                    conn.close()
+                    # End the stream (garbage that announces a long packet would otherwise
+                    # keep the worker waiting for the rest until the keep-alive runs out). Only
+                    # the sending side: closing with the worker's acknowledgements unread would
+                    # answer with a RST, which makes the kernel throw away whatever the worker
+                    # had not read yet. The drain closes once the worker has hung up.
+                    conn.shutdown(socket.SHUT_WR)
             except (OSError, EOFError):
                 pass
 
@@ -105,6 +107,7 @@ class FakeBroker:
                 pass
         except OSError:
             pass
+        conn.close()
 
     def close(self):
         self.srv.close()
