@@ -23,6 +23,73 @@ RETURNS integer LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT @extschema@._mqtt_subscribe(topic_filter, qos, broker, handler::oid, target_table::oid) $$;
 
+-- API: Public. A row trigger that publishes the row's change (src/triggers/mod.rs): AFTER
+-- INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION mqtt_publish_trigger(topic
+-- template [, qos [, retain [, broker [, column, ...]]]]).
+CREATE FUNCTION @extschema@.mqtt_publish_trigger() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'mqtt_publish_trigger';
+COMMENT ON FUNCTION @extschema@.mqtt_publish_trigger() IS
+  'Row trigger publishing each change as JSON {"op", "schema", "table", "new", "old"}; arguments: topic template ({schema}, {table}, {op}, {<column>}), then optionally qos, retain, broker, column names.';
+
+-- API: Public. Create (or replace) the trigger "mqtt_watch" on tbl. SECURITY INVOKER: creating
+-- a trigger takes the caller's own TRIGGER privilege on the table.
+CREATE FUNCTION @extschema@.mqtt_watch_table(tbl regclass, topic_template text,
+                                             qos integer DEFAULT 0, retain boolean DEFAULT false,
+                                             broker text DEFAULT NULL, columns text[] DEFAULT NULL,
+                                             events text[] DEFAULT '{insert,update,delete}')
+RETURNS text LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fired text;
+    args text;
+BEGIN
+    PERFORM @extschema@._mqtt_check_watch(tbl, topic_template, qos, retain, broker, columns, events);
+    -- With columns, UPDATE OF keeps the trigger from firing at all for updates that do not
+    -- assign them; the trigger itself skips those that assign them without a change.
+    SELECT pg_catalog.string_agg(
+               CASE WHEN e OPERATOR(pg_catalog.=) 'update' AND columns IS NOT NULL
+                    THEN 'UPDATE OF ' OPERATOR(pg_catalog.||)
+                         (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c), ', ')
+                          FROM pg_catalog.unnest(columns) c)
+                    ELSE pg_catalog.upper(e) END, ' OR ')
+    INTO fired
+    FROM (SELECT DISTINCT pg_catalog.lower(e) AS e FROM pg_catalog.unnest(events) e) ev;
+    args := pg_catalog.format('%L, %L, %L, %L', topic_template, qos::text, retain::text,
+                              COALESCE(broker, ''))
+            OPERATOR(pg_catalog.||) COALESCE((SELECT pg_catalog.string_agg(pg_catalog.format(', %L', c), '')
+                                              FROM pg_catalog.unnest(columns) c), '');
+    EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE TRIGGER mqtt_watch AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION @extschema@.mqtt_publish_trigger(%s)',
+        fired, tbl, args);
+    RETURN 'mqtt_watch';
+END
+$$;
+COMMENT ON FUNCTION @extschema@.mqtt_watch_table(regclass, text, integer, boolean, text, text[], text[]) IS
+  'Publish the changes of a table: creates (or replaces) its trigger mqtt_watch calling mqtt_publish_trigger; returns the trigger name.';
+
+-- API: Public
+CREATE FUNCTION @extschema@.mqtt_unwatch_table(tbl regclass)
+RETURNS boolean LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                   WHERE t.tgrelid OPERATOR(pg_catalog.=) tbl
+                     AND t.tgname OPERATOR(pg_catalog.=) 'mqtt_watch'
+                     AND t.tgfoid OPERATOR(pg_catalog.=) '@extschema@.mqtt_publish_trigger()'::pg_catalog.regprocedure) THEN
+        RETURN false;
+    END IF;
+    EXECUTE pg_catalog.format('DROP TRIGGER mqtt_watch ON %s', tbl);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.mqtt_unwatch_table(regclass) IS
+  'Stop publishing the changes of a table (drops the trigger mqtt_watch); true if it was watched.';
+
 -- API: Public. Give a dead letter another chance: an outgoing one goes back to the end of the
 -- outbox (sent once the transaction commits), a received one into mqtt_message_history. Returns
 -- the new row's id. SECURITY DEFINER because it wakes the worker, which only the extension may.

@@ -11,6 +11,7 @@ mod gucs;
 mod launcher;
 mod security;
 mod shmem;
+mod triggers;
 mod wake;
 mod worker;
 
@@ -43,4 +44,5 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init();
     launcher::register();
     ddl::init();
+    triggers::pending::init();
 }

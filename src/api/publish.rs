@@ -72,6 +72,8 @@ pub fn publish(
     // The rule is the permission (see `security`): checked as the caller, then the row is
     // written as the extension's owner, so the caller needs no privilege on mqtt_outbox.
     access::require(topic, Operation::Publish);
+    // Rows queued by row triggers in this statement go first, so the outbox keeps the order.
+    crate::triggers::pending::flush();
     let id = security::as_extension_owner(|| {
         broker::with_broker(broker, |client, schema, b| {
             client

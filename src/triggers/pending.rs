@@ -1,0 +1,214 @@
+//! Messages that row triggers have queued but not yet written to `mqtt_outbox`.
+//!
+//! A trigger fires once per row: one INSERT per row would make a bulk UPDATE of a watched
+//! table many times slower than the UPDATE itself. So the trigger only checks and keeps the
+//! message here, and the rows go into the outbox in one set-based INSERT:
+//! - at the end of the statement that fired them (an `ExecutorFinish` hook), so they are in
+//!   the outbox, in order, before the next statement of the transaction runs;
+//! - before `mqtt_publish` writes its own row, so the outbox keeps the order of the calls;
+//! - when the buffer grows large, so memory stays bounded;
+//! - at the latest before commit or PREPARE (deferred constraint triggers fire there).
+//!
+//! Each message remembers the subtransaction that queued it: a ROLLBACK TO SAVEPOINT (or an
+//! exception block that catches an error) drops what it queued, and a transaction abort drops
+//! everything, so a rolled-back change is never sent.
+
+use std::cell::{Cell, RefCell};
+
+use pgrx::prelude::*;
+
+use crate::{catalog, security};
+
+/// One message queued by a row trigger.
+pub struct Pending {
+    pub subxact: pg_sys::SubTransactionId,
+    pub broker_id: i32,
+    pub topic: String,
+    pub payload: String,
+    pub qos: i16,
+    pub retain: bool,
+}
+
+/// Write the buffer out once it holds this many messages or payload bytes.
+const FLUSH_ROWS: usize = 10_000;
+const FLUSH_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
+    static BYTES: Cell<usize> = const { Cell::new(0) };
+    /// Set while the buffer is being written, so the INSERT's own ExecutorFinish does not
+    /// try again.
+    static FLUSHING: Cell<bool> = const { Cell::new(false) };
+}
+
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+
+/// Install the hook and the transaction callbacks. Called once, from `_PG_init`.
+pub fn init() {
+    // SAFETY: _PG_init runs once per process before any query; chaining the previous hook is
+    // what every extension with an executor hook does.
+    unsafe {
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+    }
+}
+
+/// Queue one message; writes the buffer out when it is full.
+pub fn push(p: Pending) {
+    let full = PENDING.with(|q| {
+        let mut q = q.borrow_mut();
+        BYTES.set(BYTES.get() + p.payload.len() + p.topic.len());
+        q.push(p);
+        q.len() >= FLUSH_ROWS || BYTES.get() >= FLUSH_BYTES
+    });
+    if full {
+        write(true);
+    }
+}
+
+/// The messages this subtransaction may write now. A message queued by an enclosing
+/// subtransaction must not be written from inside this one: should this one roll back (an
+/// exception block in another trigger, say), it would take the row with it while the change
+/// that queued it commits. So while such a message waits, everything waits (keeping the
+/// order), unless the buffer is full: then this level writes its own.
+fn take(full: bool) -> Vec<Pending> {
+    // SAFETY: a plain read of the transaction state.
+    let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PENDING.with(|q| {
+        let mut q = q.borrow_mut();
+        let out = if q.iter().all(|p| p.subxact >= current) {
+            std::mem::take(&mut *q)
+        } else if full {
+            let (mine, theirs) = std::mem::take(&mut *q)
+                .into_iter()
+                .partition(|p| p.subxact >= current);
+            *q = theirs;
+            mine
+        } else {
+            Vec::new()
+        };
+        BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
+        out
+    })
+}
+
+fn is_empty() -> bool {
+    PENDING.with(|q| q.try_borrow().map_or(true, |q| q.is_empty()))
+}
+
+/// Write every queued message into `mqtt_outbox`, in the order queued, with one INSERT. The
+/// messages were checked against the access rules when queued; the row is written as the
+/// extension's owner, as `mqtt_publish` writes its own.
+pub fn flush() {
+    write(false)
+}
+
+fn write(full: bool) {
+    if FLUSHING.get() || is_empty() {
+        return;
+    }
+    let rows = take(full);
+    if rows.is_empty() {
+        return;
+    }
+    FLUSHING.set(true);
+    let _reset = scopeguard(|| FLUSHING.set(false));
+    let schema = catalog::schema();
+    let broker: Vec<i32> = rows.iter().map(|r| r.broker_id).collect();
+    let topic: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+    let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_bytes()).collect();
+    let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
+    let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
+    security::as_extension_owner(|| {
+        Spi::connect_mut(|client| {
+            if let Err(e) = client.update(
+                &format!(
+                    "INSERT INTO {schema}.mqtt_outbox (broker_id, topic, payload, qos, retain) \
+                     SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int4[]), \
+                       pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.bytea[]), \
+                       pg_catalog.unnest($4::pg_catalog.int2[]), pg_catalog.unnest($5::pg_catalog.bool[]))"
+                ),
+                None,
+                &[
+                    broker.into(),
+                    topic.into(),
+                    payload.into(),
+                    qos.into(),
+                    retain.into(),
+                ],
+            ) {
+                error!("mqtt_pg could not queue the messages of mqtt_publish_trigger: {e}");
+            }
+        })
+    });
+}
+
+/// Runs `f` when dropped, also when an ERROR unwinds through.
+fn scopeguard(f: impl FnMut()) -> impl Drop {
+    struct Guard<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    Guard(f)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: the previous hook (or the standard function) with the query it was given.
+    unsafe {
+        match PREV_EXECUTOR_FINISH {
+            Some(prev) => prev(query),
+            None => pg_sys::standard_ExecutorFinish(query),
+        }
+    }
+    // The statement's AFTER triggers have fired by now (standard_ExecutorFinish runs them).
+    flush();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        // Still inside the transaction: an ERROR here aborts it, as it should.
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
+            flush()
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            // try_borrow_mut: a panic here would stop the server.
+            PENDING.with(|q| {
+                if let Ok(mut q) = q.try_borrow_mut() {
+                    q.clear();
+                }
+            });
+            BYTES.set(0);
+            FLUSHING.set(false);
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // Subtransaction ids grow within a transaction: what the aborted one and its children
+        // queued has an id at least its own; what its parents queued before it, a smaller one.
+        PENDING.with(|q| {
+            if let Ok(mut q) = q.try_borrow_mut() {
+                q.retain(|p| p.subxact < my_subid);
+                BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
+            }
+        });
+        FLUSHING.set(false);
+    }
+}
