@@ -14,14 +14,18 @@ RETURNS bigint LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT @extschema@.mqtt_publish(topic, payload::text, qos, retain, broker) $$;
 
--- API: Public
+-- API: Public. handler and target_table go to Rust as oids: the regprocedure/regclass input
+-- has resolved them with the caller's search_path.
 CREATE FUNCTION @extschema@.mqtt_subscribe(topic_filter text, qos integer DEFAULT 0,
                                            broker text DEFAULT NULL,
                                            handler regprocedure DEFAULT NULL,
-                                           target_table regclass DEFAULT NULL)
+                                           target_table regclass DEFAULT NULL,
+                                           conflict_columns text[] DEFAULT NULL,
+                                           notify_channel text DEFAULT NULL)
 RETURNS integer LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT @extschema@._mqtt_subscribe(topic_filter, qos, broker, handler::oid, target_table::oid) $$;
+AS $$ SELECT @extschema@._mqtt_subscribe(topic_filter, qos, broker, handler::oid, target_table::oid,
+                                         conflict_columns, notify_channel) $$;
 
 -- API: Public. A row trigger that publishes the row's change (src/triggers/mod.rs): AFTER
 -- INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION mqtt_publish_trigger(topic
@@ -125,12 +129,15 @@ BEGIN
             (broker_id, topic, payload, qos, retain, direction, "timestamp")
         VALUES (d.broker_id, d.topic, d.payload, d.qos, d.retain, 'receive', d."timestamp")
         RETURNING id INTO new_id;
+        -- Routed as if it had just arrived; an error here undoes the requeue.
+        PERFORM @extschema@._mqtt_route_requeued(new_id);
     END IF;
     RETURN new_id;
 END
 $$;
 
 -- API: Public. Requeue every dead letter of a broker (NULL: the default broker), oldest first.
+-- A received one whose routing still fails stays, with the new error; returns how many moved.
 CREATE FUNCTION @extschema@.mqtt_requeue_dead_letters(broker text DEFAULT NULL)
 RETURNS integer LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -139,13 +146,20 @@ DECLARE
     target integer := @extschema@._mqtt_broker_id(broker);
     n integer := 0;
     dead_id bigint;
+    failure text;
 BEGIN
     -- SKIP LOCKED: rows another session is requeueing right now are its to move.
     FOR dead_id IN SELECT id FROM @extschema@.mqtt_dead_letter
                    WHERE broker_id OPERATOR(pg_catalog.=) target ORDER BY id
                    FOR UPDATE SKIP LOCKED LOOP
-        PERFORM @extschema@.mqtt_requeue_dead_letter(dead_id);
-        n := n OPERATOR(pg_catalog.+) 1;
+        BEGIN
+            PERFORM @extschema@.mqtt_requeue_dead_letter(dead_id);
+            n := n OPERATOR(pg_catalog.+) 1;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS failure = MESSAGE_TEXT;
+            UPDATE @extschema@.mqtt_dead_letter SET error = failure
+            WHERE id OPERATOR(pg_catalog.=) dead_id;
+        END;
     END LOOP;
     RETURN n;
 END
@@ -232,11 +246,23 @@ FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_broker_check();
 -- writer's. mqtt_subscribe itself writes as the extension owner, after its own check.
 CREATE FUNCTION @extschema@._mqtt_topic_check() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    routing_changed boolean := TG_OP OPERATOR(pg_catalog.=) 'INSERT'
+        OR (NEW.name, NEW.handler, NEW.target_table, NEW.conflict_columns, NEW.notify_channel)
+           IS DISTINCT FROM (OLD.name, OLD.handler, OLD.target_table, OLD.conflict_columns, OLD.notify_channel);
 BEGIN
-    -- Who made a row is not for the writer to claim: below superuser it is the writer.
+    -- Who made a row is not for the writer to claim: below superuser it is the writer. Routing
+    -- runs as this role, so whoever changes what a subscription routes, and where, becomes it
+    -- (an administrator editing another role's handler must not borrow that role's rights).
     IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) current_user)
-       AND (TG_OP OPERATOR(pg_catalog.=) 'INSERT' OR NEW.owner_role IS DISTINCT FROM OLD.owner_role) THEN
+       AND (routing_changed OR NEW.owner_role IS DISTINCT FROM OLD.owner_role) THEN
         NEW.owner_role := current_user;
+    ELSIF NEW.owner_role IS NULL THEN
+        NEW.owner_role := current_user;
+    END IF;
+    IF routing_changed THEN
+        NEW.handler := @extschema@._mqtt_check_route(NEW.name, NEW.handler, NEW.target_table,
+                                                     NEW.conflict_columns, NEW.notify_channel);
     END IF;
     IF NEW.subscribe AND NEW.active THEN
         PERFORM @extschema@._mqtt_require_subscribe(NEW.name);
@@ -244,7 +270,8 @@ BEGIN
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF name, subscribe, active, owner_role ON @extschema@.mqtt_topic
+CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF name, subscribe, active, owner_role,
+    handler, target_table, conflict_columns, notify_channel ON @extschema@.mqtt_topic
 FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_topic_check();
 
 -- API: Private. A rule written in this transaction applies to its next publish.
@@ -292,8 +319,8 @@ COMMENT ON FUNCTION @extschema@.mqtt_stop_listener(text) IS
   'Mark a broker inactive so the worker disconnects; true if it was active.';
 COMMENT ON FUNCTION @extschema@.mqtt_status(text) IS
   'Connection state (connected, connecting, disconnected, stopped), last error and counters of a broker.';
-COMMENT ON FUNCTION @extschema@.mqtt_subscribe(text, integer, text, regprocedure, regclass) IS
-  'Subscribe to a topic filter (an mqtt_topic row), applied live; returns the mqtt_topic id.';
+COMMENT ON FUNCTION @extschema@.mqtt_subscribe(text, integer, text, regprocedure, regclass, text[], text) IS
+  'Subscribe to a topic filter (an mqtt_topic row), applied live, optionally routing each message to a handler, a target table and a NOTIFY channel; returns the mqtt_topic id.';
 COMMENT ON FUNCTION @extschema@.mqtt_unsubscribe(text, text) IS
   'Stop subscribing to a topic filter, live; true if it was subscribed.';
 COMMENT ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint) IS
@@ -327,6 +354,7 @@ REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_check() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_access_restore() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_access_changed_trigger() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_topic_check() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_route_requeued(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.mqtt_requeue_dead_letters(text) FROM PUBLIC;
 

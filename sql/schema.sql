@@ -80,8 +80,12 @@ CREATE TABLE @extschema@.mqtt_topic (
     qos          smallint NOT NULL DEFAULT 0 CHECK (qos BETWEEN 0 AND 2),
     retain       boolean NOT NULL DEFAULT false,
     subscribe    boolean NOT NULL DEFAULT false,
-    handler      regprocedure,
+    -- The function as its regprocedure text (schema-qualified): pg_upgrade refuses regprocedure
+    -- columns, and the text survives dump and restore.
+    handler      text,
     target_table regclass,
+    conflict_columns text[] CHECK (cardinality(conflict_columns) > 0),
+    notify_channel text CHECK (notify_channel <> '' AND octet_length(notify_channel) <= 63),
     owner_role   text,
     active       boolean NOT NULL DEFAULT true,
     create_date  timestamptz NOT NULL DEFAULT now(),
@@ -90,12 +94,14 @@ CREATE TABLE @extschema@.mqtt_topic (
 );
 COMMENT ON TABLE @extschema@.mqtt_topic IS
   'Topics and topic filters in use; rows with subscribe = true (and active) are the listener''s subscriptions.';
-COMMENT ON COLUMN @extschema@.mqtt_topic.name IS 'Topic name or filter (+ and # wildcards allowed for subscriptions).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.qos IS 'Subscription QoS (0, 1 or 2).';
 COMMENT ON COLUMN @extschema@.mqtt_topic.subscribe IS 'Subscribe to this filter while the broker is active.';
-COMMENT ON COLUMN @extschema@.mqtt_topic.owner_role IS 'The role that made the subscription (set by mqtt_subscribe and by direct writes); other roles without UPDATE on mqtt_topic cannot change or remove it.';
-COMMENT ON COLUMN @extschema@.mqtt_topic.handler IS 'Reserved: function to route received messages to (not used by this version).';
-COMMENT ON COLUMN @extschema@.mqtt_topic.target_table IS 'Reserved: table to route received messages to (not used by this version).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.owner_role IS 'The role that made or last configured the subscription (set by mqtt_subscribe and by direct writes): its handler and target table run as this role. Other roles without UPDATE on mqtt_topic cannot change or remove it.';
+COMMENT ON COLUMN @extschema@.mqtt_topic.name IS 'Topic name or filter (+ and # wildcards allowed for subscriptions; a level written {name} is subscribed as + and its value goes to the target table''s column name).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.handler IS 'Function f(msg mqtt_message_history) RETURNS void called for each received message, in the transaction that stores it (regprocedure text, e.g. public.on_reading(public.mqtt_message_history)).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.target_table IS 'Table each received JSON object (or array of objects) becomes rows of, keys to columns by name.';
+COMMENT ON COLUMN @extschema@.mqtt_topic.conflict_columns IS 'Columns of a unique index of target_table: rows are upserted on them (the latest reading per device).';
+COMMENT ON COLUMN @extschema@.mqtt_topic.notify_channel IS 'NOTIFY channel told {"id": history id, "topic": ...} for each received message, after commit.';
 
 -- API: Public
 CREATE TABLE @extschema@.mqtt_access_control (

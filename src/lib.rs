@@ -9,6 +9,7 @@ mod ddl;
 mod errors;
 mod gucs;
 mod launcher;
+mod routing;
 mod security;
 mod shmem;
 mod triggers;

@@ -119,7 +119,7 @@ impl fmt::Display for TopicError {
 impl std::error::Error for TopicError {}
 
 /// Checks shared by topic names and filters: emptiness, length, NUL.
-fn validate_common(s: &str) -> Result<(), TopicError> {
+pub fn validate_common(s: &str) -> Result<(), TopicError> {
     if s.is_empty() {
         return Err(TopicError::Empty);
     }

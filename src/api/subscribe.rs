@@ -6,37 +6,53 @@ use pgrx::prelude::*;
 
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER};
-use crate::security;
 use crate::security::access::{self, Operation};
+use crate::{routing, security};
+use mqtt_pg_core::template::{NamedFilter, TemplateError};
 
-fn checked_filter(filter: Option<&str>) -> &str {
+/// The filter as written (it may name levels: `plant/{line}/temperature`) and as the broker
+/// and the access rules see it (`plant/+/temperature`).
+fn checked_filter(filter: Option<&str>) -> (&str, String) {
     let filter = filter
         .unwrap_or_else(|| errors::raise(INVALID_PARAMETER, "topic filter must not be NULL", None));
-    if let Err(e) = mqtt_pg_core::topic::validate_filter(filter) {
+    if let Err(e) = mqtt_pg_core::topic::validate_common(filter) {
         errors::bad_topic("topic filter", filter, &e);
     }
-    filter
+    match NamedFilter::parse(filter) {
+        Ok(named) => (filter, named.filter),
+        Err(TemplateError::Topic(e)) => errors::bad_topic("topic filter", filter, &e),
+        Err(e) => errors::raise(
+            INVALID_PARAMETER,
+            format!("invalid MQTT topic filter \"{filter}\": {e}"),
+            Some("A level written {name} stands for one level (subscribed as +), for example plant/{line}/temperature."),
+        ),
+    }
 }
 
 /// Internal: the SQL wrapper `mqtt_subscribe` passes the regprocedure/regclass as oids.
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)]
 fn _mqtt_subscribe(
     filter: Option<&str>,
     qos: Option<i32>,
     broker: Option<&str>,
     handler: Option<pg_sys::Oid>,
     target_table: Option<pg_sys::Oid>,
+    conflict_columns: Option<Vec<Option<String>>>,
+    notify_channel: Option<&str>,
 ) -> i32 {
-    let filter = checked_filter(filter);
+    let (filter, subscribed) = checked_filter(filter);
     let qos = errors::checked_qos(qos);
-    if handler.is_some() || target_table.is_some() {
-        errors::raise(
-            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "routing received messages to a handler or target table is not available yet",
-            Some("Subscribe without handler and target_table; messages are stored in mqtt_message_history."),
-        );
-    }
-    access::require(filter, Operation::Subscribe);
+    access::require(&subscribed, Operation::Subscribe);
+    // As the caller: routing will run as the caller, who must be able to do what it asks for.
+    let handler = routing::check::check(
+        filter,
+        handler.map(routing::check::HandlerRef::Oid),
+        target_table,
+        conflict_columns.as_deref(),
+        notify_channel,
+    );
+    let conflict: Option<Vec<String>> = conflict_columns.map(|c| c.into_iter().flatten().collect());
     let caller = Caller::now();
     security::as_extension_owner(|| {
         broker::with_broker(broker, |client, schema, b| {
@@ -46,11 +62,15 @@ fn _mqtt_subscribe(
             let id = client
                 .update(
                     &format!(
-                        "INSERT INTO {schema}.mqtt_topic (broker_id, name, qos, subscribe, active, owner_role) \
-                         VALUES ($1, $2, $3, true, true, $4) \
+                        "INSERT INTO {schema}.mqtt_topic (broker_id, name, qos, subscribe, active, owner_role, \
+                           handler, target_table, conflict_columns, notify_channel) \
+                         VALUES ($1, $2, $3, true, true, $4, $6, $7::pg_catalog.oid::pg_catalog.regclass, $8, $9) \
                          ON CONFLICT (broker_id, name) DO UPDATE \
                          SET qos = EXCLUDED.qos, subscribe = true, active = true, \
-                             owner_role = EXCLUDED.owner_role, write_date = pg_catalog.now() \
+                             owner_role = EXCLUDED.owner_role, handler = EXCLUDED.handler, \
+                             target_table = EXCLUDED.target_table, \
+                             conflict_columns = EXCLUDED.conflict_columns, \
+                             notify_channel = EXCLUDED.notify_channel, write_date = pg_catalog.now() \
                          WHERE $5 OR {schema}.mqtt_topic.owner_role OPERATOR(pg_catalog.=) $4 \
                          RETURNING id"
                     ),
@@ -61,6 +81,10 @@ fn _mqtt_subscribe(
                         (qos as i16).into(),
                         caller.name.as_str().into(),
                         caller.admin.into(),
+                        handler.as_deref().into(),
+                        target_table.into(),
+                        conflict.clone().into(),
+                        notify_channel.into(),
                     ],
                 )
                 .ok()
@@ -127,8 +151,8 @@ fn not_yours(
 /// (with `subscribe = false`) so its description and publish defaults are kept.
 #[pg_extern(volatile, parallel_unsafe)]
 fn mqtt_unsubscribe(topic_filter: Option<&str>, broker: default!(Option<&str>, "NULL")) -> bool {
-    let filter = checked_filter(topic_filter);
-    access::require(filter, Operation::Subscribe);
+    let (filter, subscribed) = checked_filter(topic_filter);
+    access::require(&subscribed, Operation::Subscribe);
     let caller = Caller::now();
     security::as_extension_owner(|| {
         broker::with_broker(broker, |client, schema, b| {

@@ -35,14 +35,20 @@ pub fn is_superuser(role: pg_sys::Oid) -> bool {
 /// a function of theirs named like a built-in in front of it. An ERROR inside unwinds the
 /// (sub)transaction, which restores the caller's identity and settings on its own.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = catalog::extension_owner();
+    as_role(catalog::extension_owner(), c"pg_catalog, pg_temp", f)
+}
+
+/// Run `f` as `role` with `search_path`, in a restricted security context, as
+/// [`as_extension_owner`] does. Settings `f` changes (SET LOCAL in a handler) end with it.
+pub fn as_role<R>(role: pg_sys::Oid, search_path: &std::ffi::CStr, f: impl FnOnce() -> R) -> R {
+    let owner = role;
     // SAFETY: a GUC nest level, as fmgr_security_definer opens one for its SET clauses; it is
     // closed below, or by transaction abort.
     let nest = unsafe {
         let nest = pg_sys::NewGUCNestLevel();
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
+            search_path.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_SAVE,

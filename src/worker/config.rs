@@ -136,10 +136,12 @@ pub fn load(schema: &str) -> Vec<Loaded> {
             let Some(b) = out.iter_mut().find(|b| b.id == broker_id) else {
                 continue;
             };
-            // Rows inserted directly (as an Odoo model would) skip mqtt_subscribe's checks.
-            match mqtt_pg_core::topic::validate_filter(&filter) {
-                Ok(()) => {
-                    b.subs.insert(filter, qos);
+            // Rows inserted directly (as an Odoo model would) skip mqtt_subscribe's checks. A
+            // filter naming its levels (plant/{line}/t) is subscribed with + for them.
+            match mqtt_pg_core::template::NamedFilter::parse(&filter) {
+                Ok(named) => {
+                    let q = b.subs.entry(named.filter).or_insert(qos);
+                    *q = (*q).max(qos);
                 }
                 Err(e) => {
                     b.problem = Some(format!(

@@ -11,7 +11,7 @@
 mod config;
 mod outbox;
 mod store;
-mod subxact;
+pub(crate) mod subxact;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -103,6 +103,8 @@ struct Worker {
     retry: Option<(store::Batch, Instant)>,
     /// Failed attempts at that batch so far.
     retries: u32,
+    /// Subscriptions that route their messages, per broker.
+    routes: crate::routing::Routes,
 }
 
 #[pg_guard]
@@ -181,6 +183,7 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         restart_failed: false,
         retry: None,
         retries: 0,
+        routes: Default::default(),
     };
     let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
@@ -573,7 +576,11 @@ impl Worker {
     /// Store a batch in one transaction and, once it has committed, acknowledge its messages.
     /// False when the database refused it for a passing reason: it is tried again later.
     fn store(&mut self, batch: store::Batch) -> bool {
-        let stored = BackgroundWorker::transaction(|| store::store(&self.schema, &batch));
+        // After a few failed attempts a routing failure is taken to be the message's own.
+        let give_up = self.retries >= 3;
+        let stored = BackgroundWorker::transaction(|| {
+            store::store(&self.schema, &batch, &self.routes, give_up)
+        });
         let outcome = match stored {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -609,10 +616,15 @@ impl Worker {
         let extension = self.extension;
         let Some(loaded) = BackgroundWorker::transaction(|| {
             let (oid, schema) = catalog::extension()?;
-            (oid == extension).then(|| config::load(&schema))
+            (oid == extension).then(|| {
+                let routes = Spi::connect(|client| crate::routing::load(&client, &schema, None));
+                (config::load(&schema), routes)
+            })
         }) else {
             return false;
         };
+        let (loaded, routes) = loaded;
+        self.routes = routes;
         let now = shmem::now_us();
         // Brokers no longer active: forget them and their status.
         let gone: Vec<i32> = self

@@ -13,8 +13,10 @@ use mqtt_pg_core::batch::chunks_by_size;
 use mqtt_pg_core::engine::{Ack, InMessage};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
+use pgrx::PgSqlErrorCode;
 
 use super::subxact;
+use crate::routing::{exec, Route, Routes};
 
 /// Payload bytes of received messages stored by one INSERT (and drained from the engine for
 /// one batch): PostgreSQL caps an array at 1 GB, and a batch must stay far below that.
@@ -40,8 +42,18 @@ pub struct Outcome {
 /// reason of the moment (a lock timeout, a cancel, a full disk; see `subxact::Failure`),
 /// everything is rolled back and the error returned, so the caller can retry the same batch
 /// later, with nothing acknowledged and nothing set aside meanwhile.
-pub fn store(schema: &str, batch: &Batch) -> Result<Outcome, String> {
-    subxact::run(|| store_all(schema, batch)).map_err(|f| f.message)
+///
+/// Received messages are routed (see `routing`) in the same transaction. A routing failure of
+/// the moment is retried like any other, until `give_up` (the batch has failed several times):
+/// then it counts as the message's own, and the message is set aside, so that a handler that
+/// keeps timing out cannot hold the stream up for ever.
+pub fn store(
+    schema: &str,
+    batch: &Batch,
+    routes: &Routes,
+    give_up: bool,
+) -> Result<Outcome, String> {
+    subxact::run(|| store_all(schema, batch, routes, give_up)).map_err(|f| f.message)
 }
 
 /// Re-raise a transient failure, with its SQLSTATE (to roll back the whole batch); hand back a
@@ -53,7 +65,7 @@ fn permanent(failure: subxact::Failure) -> String {
     failure.message
 }
 
-fn store_all(schema: &str, batch: &Batch) -> Outcome {
+fn store_all(schema: &str, batch: &Batch, routes: &Routes, give_up: bool) -> Outcome {
     let mut outcome = Outcome::default();
     Spi::connect_mut(|client| {
         let mut refused: Vec<(&InMessage, String)> = Vec::new();
@@ -67,27 +79,23 @@ fn store_all(schema: &str, batch: &Batch) -> Outcome {
                 Err(e) => refused.push((m, format!("the broker sent an invalid topic name: {e}"))),
             }
         }
-        for chunk in chunks_by_size(&received, MAX_BATCH_BYTES, |m| m.payload.len()) {
-            let stored = match subxact::run(|| insert_received(client, schema, chunk)) {
-                Ok(()) => chunk.to_vec(),
-                Err(e) => {
-                    let e = permanent(e);
-                    warning!(
-                        "mqtt_pg could not store a batch of {} received messages ({e}); \
-                         storing them one by one",
-                        chunk.len()
-                    );
-                    let mut stored = Vec::new();
-                    for m in chunk {
-                        match subxact::run(|| insert_received(client, schema, &[*m])) {
-                            Ok(()) => stored.push(*m),
-                            Err(e) => refused.push((m, permanent(e))),
-                        }
-                    }
-                    stored
-                }
-            };
-            for m in stored {
+        // The subscriptions each message goes to; a payload that cannot become rows of a
+        // target table is set aside before any SQL runs.
+        let mut routed: Vec<(&InMessage, Vec<&Route>)> = Vec::with_capacity(received.len());
+        for m in received {
+            let mine: Vec<&Route> = routes
+                .get(&m.broker_id)
+                .into_iter()
+                .flatten()
+                .filter(|r| r.matches(&m.topic))
+                .collect();
+            match exec::shape_check(&mine, &view(m, 0)) {
+                Ok(()) => routed.push((m, mine)),
+                Err(e) => refused.push((m, e)),
+            }
+        }
+        for chunk in chunks_by_size(&routed, MAX_BATCH_BYTES, |(m, _)| m.payload.len()) {
+            for m in store_chunk(client, schema, chunk, give_up, &mut refused) {
                 outcome.counts.entry(m.broker_id).or_default().0 += 1;
                 outcome.acks.extend(m.ack);
             }
@@ -136,14 +144,100 @@ fn store_all(schema: &str, batch: &Batch) -> Outcome {
     outcome
 }
 
-fn insert_received(client: &mut SpiClient<'_>, schema: &str, received: &[&InMessage]) {
-    let broker: Vec<i32> = received.iter().map(|m| m.broker_id).collect();
-    let topic: Vec<&str> = received.iter().map(|m| m.topic.as_str()).collect();
-    let payload: Vec<&[u8]> = received.iter().map(|m| m.payload.as_ref()).collect();
-    let qos: Vec<i16> = received.iter().map(|m| m.qos as i16).collect();
-    let retain: Vec<bool> = received.iter().map(|m| m.retain).collect();
-    let pkid: Vec<Option<i32>> = received.iter().map(|m| m.pkid.map(i32::from)).collect();
-    let at: Vec<i64> = received.iter().map(|m| m.received_at_us).collect();
+/// The message as routing sees it, once stored under history id `id`.
+fn view(m: &InMessage, id: i64) -> exec::Msg<'_> {
+    exec::Msg {
+        id,
+        broker_id: m.broker_id,
+        topic: &m.topic,
+        payload: &m.payload,
+        qos: m.qos as i16,
+        retain: m.retain,
+        message_id: m.pkid.map(i32::from),
+        at_us: m.received_at_us,
+    }
+}
+
+/// Store (and route) a chunk in a subtransaction. Should the database refuse it, the chunk is
+/// split in halves until the messages it refuses stand alone, and those are set aside: a bad
+/// message among a thousand costs some twenty statements, not a thousand.
+fn store_chunk<'a>(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    chunk: &[(&'a InMessage, Vec<&Route>)],
+    give_up: bool,
+    refused: &mut Vec<(&'a InMessage, String)>,
+) -> Vec<&'a InMessage> {
+    let stored = subxact::run(|| insert_and_route(client, schema, chunk, give_up));
+    match stored {
+        Ok(()) => chunk.iter().map(|(m, _)| *m).collect(),
+        Err(e) => {
+            let e = permanent(e);
+            if let [(m, _)] = chunk {
+                refused.push((m, e));
+                return Vec::new();
+            }
+            if chunk.len() > 1 && chunk.iter().all(|(_, r)| r.is_empty()) {
+                warning!(
+                    "mqtt_pg could not store a batch of {} received messages ({e}); \
+                     finding the ones refused",
+                    chunk.len()
+                );
+            }
+            let (a, b) = chunk.split_at(chunk.len() / 2);
+            let mut stored = store_chunk(client, schema, a, give_up, refused);
+            stored.extend(store_chunk(client, schema, b, give_up, refused));
+            stored
+        }
+    }
+}
+
+fn insert_and_route(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    chunk: &[(&InMessage, Vec<&Route>)],
+    give_up: bool,
+) {
+    let routed = chunk.iter().any(|(_, r)| !r.is_empty());
+    let ids = insert_received(client, schema, chunk, routed);
+    if !routed {
+        return;
+    }
+    let msgs: Vec<(exec::Msg<'_>, Vec<&Route>)> = chunk
+        .iter()
+        .zip(ids)
+        .map(|((m, r), id)| (view(m, id), r.clone()))
+        .collect();
+    // A single message is routed step by step, so that its error names the step.
+    let describe = chunk.len() == 1;
+    if let Err(f) = subxact::run(|| exec::route(client, schema, &msgs, describe)) {
+        let code = if f.transient && give_up {
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR // counts as the message's own now
+        } else {
+            f.code
+        };
+        ereport!(PgLogLevel::ERROR, code, f.message);
+    }
+}
+
+/// Insert received messages into history; with `returning`, their new ids, in order.
+fn insert_received(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    received: &[(&InMessage, Vec<&Route>)],
+    returning: bool,
+) -> Vec<i64> {
+    let broker: Vec<i32> = received.iter().map(|(m, _)| m.broker_id).collect();
+    let topic: Vec<&str> = received.iter().map(|(m, _)| m.topic.as_str()).collect();
+    let payload: Vec<&[u8]> = received.iter().map(|(m, _)| m.payload.as_ref()).collect();
+    let qos: Vec<i16> = received.iter().map(|(m, _)| m.qos as i16).collect();
+    let retain: Vec<bool> = received.iter().map(|(m, _)| m.retain).collect();
+    let pkid: Vec<Option<i32>> = received
+        .iter()
+        .map(|(m, _)| m.pkid.map(i32::from))
+        .collect();
+    let at: Vec<i64> = received.iter().map(|(m, _)| m.received_at_us).collect();
+    // RETURNING gives the rows in the order inserted, which is unnest's.
     let result = client.update(
         &format!(
             "INSERT INTO {schema}.mqtt_message_history \
@@ -152,7 +246,8 @@ fn insert_received(client: &mut SpiClient<'_>, schema: &str, received: &[&InMess
                     'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
                     (u::pg_catalog.float8 OPERATOR(pg_catalog.*) interval '1 microsecond') \
              FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::int2[], $5::bool[], \
-                         $6::int4[], $7::int8[]) AS x(b, t, p, q, r, m, u)"
+                         $6::int4[], $7::int8[]) AS x(b, t, p, q, r, m, u){}",
+            if returning { " RETURNING id" } else { "" }
         ),
         None,
         &[
@@ -165,8 +260,12 @@ fn insert_received(client: &mut SpiClient<'_>, schema: &str, received: &[&InMess
             at.into(),
         ],
     );
-    if let Err(e) = result {
-        error!("mqtt_pg could not store received messages: {e}");
+    match result {
+        Ok(rows) if returning => rows
+            .filter_map(|r| r.get::<i64>(1).ok().flatten())
+            .collect(),
+        Ok(_) => Vec::new(),
+        Err(e) => error!("mqtt_pg could not store received messages: {e}"),
     }
 }
 

@@ -1,0 +1,300 @@
+//! Running routes for stored messages: per subscription one set-based statement per step and
+//! batch (target table rows, handler calls, notifications), never one statement per message.
+
+use mqtt_pg_core::route::{filled_columns, json_rows};
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, SpiClient};
+
+use super::{Route, Target};
+use crate::security;
+use crate::worker::subxact;
+
+/// A received message as stored in `mqtt_message_history`.
+pub struct Msg<'a> {
+    pub id: i64,
+    pub broker_id: i32,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: i16,
+    pub retain: bool,
+    pub message_id: Option<i32>,
+    pub at_us: i64,
+}
+
+/// Handlers and everything else a route runs see the search path a new session of their role
+/// gets by default, not the worker's.
+const USER_SEARCH_PATH: &std::ffi::CStr = c"\"$user\", public";
+
+/// Can `m` go to every target table among `routes`? The reason if not, naming the route.
+pub fn shape_check(routes: &[&Route], m: &Msg<'_>) -> Result<(), String> {
+    for r in routes {
+        if let Some(Ok(t)) = &r.target {
+            if let Err(e) = json_rows(m.payload) {
+                return Err(format!("{}: target table {}: {e}", r.describe(), t.sql));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn permanent_error(code: PgSqlErrorCode, message: String) -> ! {
+    ereport!(PgLogLevel::ERROR, code, message);
+    unreachable!("ERROR does not return")
+}
+
+/// Route each message to the routes it matched. With `describe`, every step runs in its own
+/// subtransaction and an error names the subscription and the step (used to pin a failing
+/// message down; a batch that fails is split by the caller until it is one message).
+pub fn route(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    msgs: &[(Msg<'_>, Vec<&Route>)],
+    describe: bool,
+) {
+    // Messages per route, in arrival order, each route once.
+    let mut by_route: Vec<(&Route, Vec<&Msg<'_>>)> = Vec::new();
+    for (m, routes) in msgs {
+        for r in routes {
+            match by_route.iter_mut().find(|(x, _)| x.topic_id == r.topic_id) {
+                Some((_, ms)) => ms.push(m),
+                None => by_route.push((r, vec![m])),
+            }
+        }
+    }
+    for (r, ms) in by_route {
+        let owner = match &r.owner {
+            Ok(o) => *o,
+            Err(e) => permanent_error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("{}: {e}", r.describe()),
+            ),
+        };
+        security::as_role(owner, USER_SEARCH_PATH, || {
+            if let Some(t) = &r.target {
+                let what = match t {
+                    Ok(t) => format!("target table {}", t.sql),
+                    Err(_) => "target table".to_string(),
+                };
+                step(describe, r, &what, || match t {
+                    Ok(t) => target(client, r, t, &ms),
+                    Err(e) => permanent_error(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, e.clone()),
+                });
+            }
+            if let Some(h) = &r.handler {
+                step(describe, r, "handler", || match h {
+                    Ok(h) => handler(client, schema, h, &ms),
+                    Err(e) => {
+                        permanent_error(PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION, e.clone())
+                    }
+                });
+            }
+            if let Some(channel) = &r.notify {
+                step(describe, r, "notify channel", || {
+                    notify(client, channel, &ms)
+                });
+            }
+        });
+    }
+}
+
+fn step(describe: bool, r: &Route, what: &str, f: impl FnOnce()) {
+    if !describe {
+        return f();
+    }
+    if let Err(e) = subxact::run(f) {
+        ereport!(
+            PgLogLevel::ERROR,
+            e.code,
+            format!("{}: {what}: {}", r.describe(), e.message)
+        );
+    }
+}
+
+/// The columns of `table` an INSERT may name (not dropped, generated or GENERATED ALWAYS).
+fn insertable_columns(client: &SpiClient<'_>, table: pg_sys::Oid) -> Vec<String> {
+    client
+        .select(
+            "SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.>) 0 \
+               AND NOT a.attisdropped AND a.attgenerated OPERATOR(pg_catalog.=) '' \
+               AND a.attidentity OPERATOR(pg_catalog.<>) 'a' ORDER BY a.attnum",
+            None,
+            &[table.into()],
+        )
+        .map(|rows| {
+            rows.filter_map(|r| r.get::<String>(1).ok().flatten())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Rows going into the target table with the same columns: one INSERT.
+#[derive(Default)]
+struct Group<'a> {
+    docs: Vec<&'a str>,
+    levels: Vec<String>,
+    topics: Vec<&'a str>,
+    at: Vec<i64>,
+    ord: Vec<i64>,
+}
+
+fn target(client: &mut SpiClient<'_>, r: &Route, t: &Target, ms: &[&Msg<'_>]) {
+    let cols = insertable_columns(client, t.oid);
+    let mut extra: Vec<&str> = r.filter.names.iter().map(|(_, n)| n.as_str()).collect();
+    extra.extend(["topic", "received_at"]);
+    let mut groups: Vec<(Vec<usize>, Group<'_>)> = Vec::new();
+    for (ord, m) in ms.iter().enumerate() {
+        let rows = json_rows(m.payload).unwrap_or_else(|e| {
+            permanent_error(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, e)
+        });
+        let levels: serde_json::Map<String, serde_json::Value> = r
+            .filter
+            .values(m.topic)
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
+        let levels = serde_json::Value::Object(levels).to_string();
+        for row in rows {
+            let filled = filled_columns(&cols, &row.keys, &extra);
+            let g = match groups.iter().position(|(f, _)| *f == filled) {
+                Some(i) => &mut groups[i].1,
+                None => {
+                    groups.push((filled, Group::default()));
+                    &mut groups.last_mut().expect("just pushed").1
+                }
+            };
+            g.docs.push(row.text);
+            g.levels.push(levels.clone());
+            g.topics.push(m.topic);
+            g.at.push(m.at_us);
+            g.ord.push(ord as i64);
+        }
+    }
+    for (filled, g) in groups {
+        let sql = insert_sql(&t.sql, &cols, &filled, &r.conflict);
+        if let Err(e) = client.update(
+            &sql,
+            None,
+            &[
+                g.docs.into(),
+                g.levels.into(),
+                g.topics.into(),
+                g.at.into(),
+                g.ord.into(),
+            ],
+        ) {
+            permanent_error(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string());
+        }
+    }
+}
+
+/// One INSERT for a group of rows with the same columns: each JSON object, with the topic's
+/// named levels, `topic` and `received_at` laid over it, through jsonb_populate_record (which
+/// converts every value with its column type's input function). With conflict columns an
+/// upsert, keeping the latest row per key from the batch (ON CONFLICT may not touch one row
+/// twice in a statement).
+fn insert_sql(table: &str, cols: &[String], filled: &[usize], conflict: &[String]) -> String {
+    let q: Vec<String> = filled.iter().map(|i| quote_identifier(&cols[*i])).collect();
+    let from = format!(
+        "FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]), \
+           pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.int8[]), \
+           pg_catalog.unnest($5::pg_catalog.int8[])) AS u(doc, lv, tp, at, ord), \
+         LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, \
+           u.doc::pg_catalog.jsonb OPERATOR(pg_catalog.||) u.lv::pg_catalog.jsonb \
+           OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('topic', u.tp, 'received_at', \
+             'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
+             (u.at::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval))) AS r"
+    );
+    if q.is_empty() {
+        return format!("INSERT INTO {table} SELECT {from}");
+    }
+    let list = q.join(", ");
+    let select: Vec<String> = q.iter().map(|c| format!("r.{c}")).collect();
+    let select = select.join(", ");
+    if conflict.is_empty() {
+        return format!("INSERT INTO {table} ({list}) SELECT {select} {from} ORDER BY u.ord");
+    }
+    let keys: Vec<String> = conflict.iter().map(|c| quote_identifier(c)).collect();
+    let rkeys: Vec<String> = keys.iter().map(|k| format!("r.{k}")).collect();
+    let set: Vec<String> = q
+        .iter()
+        .filter(|c| !keys.contains(c))
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    let action = if set.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", set.join(", "))
+    };
+    format!(
+        "INSERT INTO {table} ({list}) SELECT DISTINCT ON ({rk}) {select} {from} \
+         ORDER BY {rk}, u.ord DESC ON CONFLICT ({k}) {action}",
+        rk = rkeys.join(", "),
+        k = keys.join(", "),
+    )
+}
+
+/// Call the handler once per message, in order, with the message's history row.
+fn handler(client: &mut SpiClient<'_>, schema: &str, h: &str, ms: &[&Msg<'_>]) {
+    // The row is built from the values, not read from the table: the role the handler runs
+    // as needs no privilege on mqtt_message_history. Columns in the table's order.
+    let sql = format!(
+        "SELECT {h}(ROW(u.id, u.broker_id, u.topic, u.payload, u.qos, u.retain, 'receive', u.message_id, \
+           'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
+           (u.at::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval) \
+         )::{schema}.mqtt_message_history) \
+         FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.int4[]), \
+           pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.bytea[]), \
+           pg_catalog.unnest($5::pg_catalog.int2[]), pg_catalog.unnest($6::pg_catalog.bool[]), \
+           pg_catalog.unnest($7::pg_catalog.int4[]), pg_catalog.unnest($8::pg_catalog.int8[])) \
+           AS u(id, broker_id, topic, payload, qos, retain, message_id, at)"
+    );
+    let ids: Vec<i64> = ms.iter().map(|m| m.id).collect();
+    let brokers: Vec<i32> = ms.iter().map(|m| m.broker_id).collect();
+    let topics: Vec<&str> = ms.iter().map(|m| m.topic).collect();
+    let payloads: Vec<&[u8]> = ms.iter().map(|m| m.payload).collect();
+    let qos: Vec<i16> = ms.iter().map(|m| m.qos).collect();
+    let retain: Vec<bool> = ms.iter().map(|m| m.retain).collect();
+    let mids: Vec<Option<i32>> = ms.iter().map(|m| m.message_id).collect();
+    let at: Vec<i64> = ms.iter().map(|m| m.at_us).collect();
+    if let Err(e) = client.update(
+        &sql,
+        None,
+        &[
+            ids.into(),
+            brokers.into(),
+            topics.into(),
+            payloads.into(),
+            qos.into(),
+            retain.into(),
+            mids.into(),
+            at.into(),
+        ],
+    ) {
+        permanent_error(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string());
+    }
+}
+
+/// NOTIFY payloads are limited to 8,000 bytes; a topic that would not fit is left out.
+const NOTIFY_MAX: usize = 7_999;
+
+fn notify(client: &mut SpiClient<'_>, channel: &str, ms: &[&Msg<'_>]) {
+    let notes: Vec<String> = ms
+        .iter()
+        .map(|m| {
+            let full = serde_json::json!({"id": m.id, "topic": m.topic}).to_string();
+            if full.len() <= NOTIFY_MAX {
+                full
+            } else {
+                serde_json::json!({"id": m.id}).to_string()
+            }
+        })
+        .collect();
+    if let Err(e) = client.update(
+        "SELECT pg_catalog.pg_notify($1, n) FROM pg_catalog.unnest($2::pg_catalog.text[]) AS n",
+        None,
+        &[channel.into(), notes.into()],
+    ) {
+        permanent_error(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string());
+    }
+}
