@@ -19,6 +19,9 @@ pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// How often the worker re-reads configuration and the outbox without being woken.
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 
+/// Longest the routing of one batch (target tables, handlers, notifications) may take.
+pub static ROUTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 pub fn init() {
     GucRegistry::define_int_guc(
         c"mqtt_pg.max_payload_size",
@@ -67,6 +70,16 @@ pub fn init() {
         &POLL_INTERVAL_MS,
         10,
         3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"mqtt_pg.route_timeout",
+        c"Longest the routing of one batch of received messages (target tables, handlers, notifications) may take.",
+        c"A batch that takes longer is routed message by message, and a message whose routing alone takes longer is set aside in mqtt_dead_letter. 0 turns the limit off.",
+        &ROUTE_TIMEOUT_MS,
+        0,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

@@ -52,7 +52,7 @@ pub fn check(
             errors::raise(
                 INVALID_PARAMETER,
                 format!("invalid notify_channel \"{ch}\": a channel name has 1 to 63 bytes"),
-                None,
+                Some("Use a short name, for example 'mqtt_readings', and LISTEN mqtt_readings;"),
             );
         }
     }
@@ -101,7 +101,7 @@ fn check_handler(h: HandlerRef<'_>) -> String {
         errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
             format!("handler function (oid {}) does not exist", oid.to_u32()),
-            None,
+            Some("Create the function first: CREATE FUNCTION on_reading(msg mqtt_message_history) RETURNS void ..."),
         )
     };
     if !shape {
@@ -142,14 +142,33 @@ fn check_target(t: pg_sys::Oid, upsert: bool) {
         errors::raise(
             pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
             format!("target table (oid {}) does not exist", t.to_u32()),
-            None,
+            Some("Create the table first, then subscribe with target_table => 'its_name'."),
         )
     };
+    let ours = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend d \
+           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+             AND d.objid OPERATOR(pg_catalog.=) $1 AND d.deptype OPERATOR(pg_catalog.=) 'e' \
+             AND d.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
+                                                   WHERE e.extname OPERATOR(pg_catalog.=) 'mqtt_pg'))",
+        &[t.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(true);
+    if ours {
+        // Devices would write brokers, access rules or the outbox by publishing.
+        errors::raise(
+            INVALID_PARAMETER,
+            format!("target_table {shown} belongs to mqtt_pg and cannot take routed messages"),
+            Some("Route into a table of your own; received messages are in mqtt_message_history anyway."),
+        );
+    }
     if !matches!(kind.as_str(), "r" | "p" | "f") {
         errors::raise(
             INVALID_PARAMETER,
             format!("target_table {shown} is not a table"),
-            None,
+            Some("Name a table (plain, partitioned or foreign); for a view, use a handler that inserts into it."),
         );
     }
     if !may {
@@ -173,7 +192,7 @@ fn check_conflict(t: pg_sys::Oid, cols: &[Option<String>]) {
         errors::raise(
             INVALID_PARAMETER,
             "conflict_columns must name at least one column, and no NULL",
-            None,
+            Some("Pass NULL for plain inserts, or the columns of a unique index, for example '{device}'."),
         );
     }
     let cols: Vec<String> = cols.iter().flatten().cloned().collect();
@@ -191,7 +210,7 @@ fn check_conflict(t: pg_sys::Oid, cols: &[Option<String>]) {
             errors::raise(
                 INVALID_PARAMETER,
                 format!("conflict column \"{c}\" is not a column of the target table"),
-                None,
+                Some("Column names are exact and case-sensitive; name the columns of a unique index or constraint."),
             );
         }
     }

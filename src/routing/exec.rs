@@ -214,7 +214,7 @@ fn insert_sql(table: &str, cols: &[String], filled: &[usize], conflict: &[String
     if conflict.is_empty() {
         return format!("INSERT INTO {table} ({list}) SELECT {select} {from} ORDER BY u.ord");
     }
-    let keys: Vec<String> = conflict.iter().map(|c| quote_identifier(c)).collect();
+    let keys: Vec<String> = conflict.iter().map(quote_identifier).collect();
     let rkeys: Vec<String> = keys.iter().map(|k| format!("r.{k}")).collect();
     let set: Vec<String> = q
         .iter()

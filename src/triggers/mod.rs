@@ -81,7 +81,7 @@ fn parse_qos(s: &str) -> i16 {
         "2" => 2,
         other => bad(
             format!("invalid qos \"{other}\" in the arguments of mqtt_publish_trigger: must be 0, 1 or 2"),
-            None,
+            Some("The second trigger argument is the QoS: '0', '1' or '2'."),
         ),
     }
 }
@@ -92,7 +92,7 @@ fn parse_retain(s: &str) -> bool {
         "false" | "f" | "off" | "no" | "0" | "" => false,
         other => bad(
             format!("invalid retain \"{other}\" in the arguments of mqtt_publish_trigger: must be true or false"),
-            None,
+            Some("The third trigger argument is retain: 'true' or 'false'."),
         ),
     }
 }
@@ -225,7 +225,7 @@ impl Setup {
                     .unwrap_or_else(|| {
                         bad(
                             format!("mqtt_publish_trigger on table {table}: \"{name}\" is not a column of it"),
-                            None,
+                            Some("Arguments after the broker are column names, exact and case-sensitive."),
                         )
                     })
             })

@@ -41,7 +41,25 @@ fn _mqtt_check_watch(
     if !matches!(kind, b'r' | b'p' | b'f') {
         bad(
             format!("{table} is not a table: mqtt_watch_table watches tables (partitioned and foreign ones too)"),
-            None,
+            Some("For a view, watch the table it reads from."),
+        );
+    }
+    let ours = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend d \
+           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+             AND d.objid OPERATOR(pg_catalog.=) $1 AND d.deptype OPERATOR(pg_catalog.=) 'e' \
+             AND d.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
+                                                   WHERE e.extname OPERATOR(pg_catalog.=) 'mqtt_pg'))",
+        &[tbl.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(true);
+    if ours {
+        // A watched outbox or history would publish its own messages again, for ever.
+        bad(
+            format!("{table} belongs to mqtt_pg and cannot be watched"),
+            Some("Watch your own tables; mqtt_message_history already holds every message."),
         );
     }
     let cols = columns(&rel);
@@ -69,7 +87,7 @@ fn _mqtt_check_watch(
     if events.is_empty() {
         bad(
             "events must name at least one of insert, update, delete".into(),
-            None,
+            Some("For example events => '{insert,update}'."),
         );
     }
     for e in &events {
@@ -80,7 +98,7 @@ fn _mqtt_check_watch(
                     "invalid event {}: events are insert, update and delete",
                     other.map_or("NULL".into(), |o| format!("\"{o}\""))
                 ),
-                None,
+                Some("For example events => '{insert,update}'."),
             ),
         }
     }

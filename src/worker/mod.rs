@@ -373,6 +373,10 @@ impl Worker {
             if self.retry.is_none() && (tick || progressed || flags & WAKE_OUTBOX != 0) {
                 self.send_outbox();
             }
+            // A background worker reports its table statistics only when asked to: without
+            // this, pg_stat_user_tables would not show what it stored until it exits.
+            // SAFETY: between transactions; rate-limited by PostgreSQL itself.
+            unsafe { pg_sys::pgstat_report_stat(false) };
         }
     }
 
@@ -617,7 +621,7 @@ impl Worker {
         let Some(loaded) = BackgroundWorker::transaction(|| {
             let (oid, schema) = catalog::extension()?;
             (oid == extension).then(|| {
-                let routes = Spi::connect(|client| crate::routing::load(&client, &schema, None));
+                let routes = Spi::connect(|client| crate::routing::load(client, &schema, None));
                 (config::load(&schema), routes)
             })
         }) else {

@@ -15,12 +15,29 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::PgSqlErrorCode;
 
+use std::cell::Cell;
+
 use super::subxact;
+use crate::gucs;
 use crate::routing::{exec, Route, Routes};
 
 /// Payload bytes of received messages stored by one INSERT (and drained from the engine for
 /// one batch): PostgreSQL caps an array at 1 GB, and a batch must stay far below that.
 pub const MAX_BATCH_BYTES: usize = 128 << 20;
+
+// utils/timeout.h, which pgrx does not bind. STATEMENT_TIMEOUT is the fourth TimeoutId in
+// every supported version (15 to 18).
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    fn get_timeout_indicator(id: std::ffi::c_int, reset_indicator: bool) -> bool;
+}
+
+thread_local! {
+    /// The last chunk's routing ran into mqtt_pg.route_timeout.
+    static TIMED_OUT: Cell<bool> = const { Cell::new(false) };
+}
 
 #[derive(Default)]
 pub struct Batch {
@@ -168,6 +185,7 @@ fn store_chunk<'a>(
     give_up: bool,
     refused: &mut Vec<(&'a InMessage, String)>,
 ) -> Vec<&'a InMessage> {
+    TIMED_OUT.set(false);
     let stored = subxact::run(|| insert_and_route(client, schema, chunk, give_up));
     match stored {
         Ok(()) => chunk.iter().map(|(m, _)| *m).collect(),
@@ -176,6 +194,20 @@ fn store_chunk<'a>(
             if let [(m, _)] = chunk {
                 refused.push((m, e));
                 return Vec::new();
+            }
+            if TIMED_OUT.get() {
+                // Halving would wait out the limit at every level: take them one by one.
+                let mut stored = Vec::new();
+                for one in chunk {
+                    stored.extend(store_chunk(
+                        client,
+                        schema,
+                        std::slice::from_ref(one),
+                        give_up,
+                        refused,
+                    ));
+                }
+                return stored;
             }
             if chunk.len() > 1 && chunk.iter().all(|(_, r)| r.is_empty()) {
                 warning!(
@@ -210,7 +242,33 @@ fn insert_and_route(
         .collect();
     // A single message is routed step by step, so that its error names the step.
     let describe = chunk.len() == 1;
-    if let Err(f) = subxact::run(|| exec::route(client, schema, &msgs, describe)) {
+    let limit = gucs::ROUTE_TIMEOUT_MS.get();
+    // SAFETY: the statement timeout machinery every backend has (the worker's own
+    // statement_timeout is 0, so nothing else uses the timer); disarmed below on every path.
+    unsafe {
+        if limit > 0 {
+            enable_timeout_after(STATEMENT_TIMEOUT, limit);
+        }
+    }
+    let routed = subxact::run(|| exec::route(client, schema, &msgs, describe));
+    // SAFETY: as above.
+    let timed_out = unsafe {
+        let fired = get_timeout_indicator(STATEMENT_TIMEOUT, false);
+        disable_timeout(STATEMENT_TIMEOUT, false);
+        fired
+    };
+    if let Err(f) = routed {
+        if timed_out {
+            TIMED_OUT.set(true);
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "routing took longer than mqtt_pg.route_timeout ({limit} ms): {}",
+                    f.message
+                )
+            );
+        }
         let code = if f.transient && give_up {
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR // counts as the message's own now
         } else {

@@ -173,13 +173,17 @@ def test_subscribe_null_filter_and_qos(conn, idle_broker):
     expect_error(conn, SUBSCRIBE, ("ok/#", None, idle_broker.name), INVALID)
 
 
-def test_subscribe_routing_not_available_yet(conn, idle_broker):
-    """handler and target_table are in the contract but routing is not built yet: say so
-    (0A000) instead of storing something that would never act."""
-    expect_error(conn, "SELECT mqtt_subscribe('ok/#', 0, %s, handler => 'pg_catalog.now()'::regprocedure)",
-                 (idle_broker.name,), "0A000")
-    expect_error(conn, "SELECT mqtt_subscribe('ok/#', 0, %s, target_table => 'mqtt_broker'::regclass)",
-                 (idle_broker.name,), "0A000")
+@pytest.mark.parametrize("table", ["mqtt_broker", "mqtt_access_control", "mqtt_outbox", "mqtt_message_history"])
+def test_subscribe_refuses_the_extensions_own_tables_as_target(conn, idle_broker, table):
+    """Devices must not be able to write brokers, access rules or the outbox by publishing:
+    the extension's tables are never a target, whoever asks (here a superuser)."""
+    before = conn.execute("SELECT count(*) FROM mqtt_topic").fetchone()[0]
+    expect_error(conn, "SELECT mqtt_subscribe('ok/#', 0, %s, target_table => %s::regclass)",
+                 (idle_broker.name, table), "22023")
+    expect_error(conn, "INSERT INTO mqtt_topic (broker_id, name, subscribe, target_table) "
+                       "VALUES ((SELECT id FROM mqtt_broker WHERE name = %s), 'ok/#', true, %s::regclass)",
+                 (idle_broker.name, table), "22023")
+    assert conn.execute("SELECT count(*) FROM mqtt_topic").fetchone()[0] == before
 
 
 def test_unsubscribe_unknown_broker(conn):
