@@ -31,7 +31,6 @@ const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 unsafe extern "C-unwind" {
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
     fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
-    fn get_timeout_indicator(id: std::ffi::c_int, reset_indicator: bool) -> bool;
 }
 
 thread_local! {
@@ -252,12 +251,13 @@ fn insert_and_route(
     }
     let routed = subxact::run(|| exec::route(client, schema, &msgs, describe));
     // SAFETY: as above.
-    let timed_out = unsafe {
-        let fired = get_timeout_indicator(STATEMENT_TIMEOUT, false);
-        disable_timeout(STATEMENT_TIMEOUT, false);
-        fired
-    };
+    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
     if let Err(f) = routed {
+        // The timer is ours alone (the worker's statement_timeout is 0), and PostgreSQL
+        // clears its indicator when it raises, so the error itself says it fired.
+        let timed_out = limit > 0
+            && f.code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+            && f.message.contains("statement timeout");
         if timed_out {
             TIMED_OUT.set(true);
             ereport!(

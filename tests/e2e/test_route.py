@@ -805,3 +805,77 @@ def test_5000_messages_routed_exactly_once_set_based(pg, mosq, scratch_db, topic
             wait_for(lambda: ins() >= n + 1, timeout=20, interval=0.2, message="n_tup_ins after the worker exited")
         assert ins() == n + 1, "rows inserted once each: no failed batch redone message by message"
         c.execute("UPDATE mqtt_broker SET active = false")
+
+
+# --------------------------------------------------------------------------------------------
+# handlers that would hold the stream up
+
+
+def set_worker_setting(pg, name: str, value: str | None) -> None:
+    """ALTER SYSTEM a sighup setting and wait until a new session sees it (the worker, woken by
+    the same SIGHUP, reloads before it stores anything more)."""
+    with pg.connect(TEST_DB) as c:
+        if value is None:
+            c.execute(f"ALTER SYSTEM RESET {name}")
+        else:
+            c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(name), sql.Literal(value)))
+        c.execute("SELECT pg_reload_conf()")
+
+    def seen():
+        with pg.connect(TEST_DB) as c:
+            shown, boot = c.execute("SELECT current_setting(%s), boot_val FROM pg_settings WHERE name = %s",
+                                    (name, name)).fetchone()
+            reset = c.execute("SELECT setting FROM pg_settings WHERE name = %s", (name,)).fetchone()[0]
+        return reset == boot if value is None else shown == value
+    wait_for(seen, timeout=10, message=f"{name} reloaded")
+
+
+def test_slow_handler_is_set_aside_by_route_timeout(pg, conn, broker, mosq, ns, topic):
+    """A handler that would take 60 s for one message: with mqtt_pg.route_timeout = 500ms, that
+    message is dead-lettered naming the limit, and the messages around it are handled well before
+    the handler would have returned."""
+    conn.execute(f"CREATE TABLE {ns}.log (body text)")
+    conn.execute(f"""CREATE FUNCTION {ns}.slow(m {MSG_TYPE}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN
+            IF convert_from(m.payload, 'UTF8') = 'slow' THEN PERFORM pg_sleep(60); END IF;
+            INSERT INTO {ns}.log VALUES (convert_from(m.payload, 'UTF8'));
+        END $f$""")
+    set_worker_setting(pg, "mqtt_pg.route_timeout", "500ms")
+    try:
+        filt = f"{topic}/slow/#"
+        subscribe(conn, filt, broker.name, handler=f"{ns}.slow({MSG_TYPE})")
+        mosq.wait_subscribed(broker.client_id, filt)
+        mosquitto_pub(mosq.port, f"{topic}/slow/x", lines=lines("ok1", "slow", "ok2"), qos=1)
+        [dead] = wait_dead(conn, broker.id, 1, timeout=30)
+        assert dead["payload"] == b"slow"
+        assert "mqtt_pg.route_timeout" in dead["error"], dead["error"]
+        wait_rows(conn, f"SELECT body FROM {ns}.log", n=2, timeout=30)
+        assert sorted(b for (b,) in conn.execute(f"SELECT body FROM {ns}.log")) == ["ok1", "ok2"]
+        assert [r["payload"] for r in history_rows(conn, f"{topic}/slow/x")] == [b"ok1", b"ok2"]
+        assert wait_status(conn, broker.name, "connected")
+    finally:
+        set_worker_setting(pg, "mqtt_pg.route_timeout", None)
+
+
+def test_handler_raising_a_transient_sqlstate_cannot_stall_the_stream(conn, broker, mosq, ns, topic):
+    """A serialization failure (40001) is normally a reason to retry the whole batch later; a
+    handler that raises one for ever must not hold the stream: after a few retries the message is
+    set aside as its own fault, and the rest is stored."""
+    conn.execute(f"CREATE TABLE {ns}.log (body text)")
+    conn.execute(f"""CREATE FUNCTION {ns}.flaky(m {MSG_TYPE}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN
+            IF convert_from(m.payload, 'UTF8') = 'again' THEN
+                RAISE EXCEPTION 'try me again' USING ERRCODE = '40001';
+            END IF;
+            INSERT INTO {ns}.log VALUES (convert_from(m.payload, 'UTF8'));
+        END $f$""")
+    filt = f"{topic}/flaky/#"
+    subscribe(conn, filt, broker.name, handler=f"{ns}.flaky({MSG_TYPE})")
+    mosq.wait_subscribed(broker.client_id, filt)
+    mosquitto_pub(mosq.port, f"{topic}/flaky/x", lines=lines("ok1", "again", "ok2"), qos=1)
+    [dead] = wait_dead(conn, broker.id, 1, timeout=40)
+    assert dead["payload"] == b"again" and "try me again" in dead["error"], dead
+    assert sorted(b for (b,) in conn.execute(f"SELECT body FROM {ns}.log")) == ["ok1", "ok2"]
+    # and the stream flows on at once
+    mosquitto_pub(mosq.port, f"{topic}/flaky/x", "ok3", qos=1)
+    wait_rows(conn, f"SELECT 1 FROM {ns}.log WHERE body = 'ok3'", timeout=10)
