@@ -248,8 +248,8 @@ CREATE FUNCTION @extschema@._mqtt_topic_check() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     routing_changed boolean := TG_OP OPERATOR(pg_catalog.=) 'INSERT'
-        OR (NEW.name, NEW.handler, NEW.target_table, NEW.conflict_columns, NEW.notify_channel)
-           IS DISTINCT FROM (OLD.name, OLD.handler, OLD.target_table, OLD.conflict_columns, OLD.notify_channel);
+        OR (NEW.broker_id, NEW.name, NEW.handler, NEW.target_table, NEW.conflict_columns, NEW.notify_channel)
+           IS DISTINCT FROM (OLD.broker_id, OLD.name, OLD.handler, OLD.target_table, OLD.conflict_columns, OLD.notify_channel);
 BEGIN
     -- Who made a row is not for the writer to claim: below superuser it is the writer. Routing
     -- runs as this role, so whoever changes what a subscription routes, and where, becomes it
@@ -260,9 +260,10 @@ BEGIN
     ELSIF NEW.owner_role IS NULL THEN
         NEW.owner_role := current_user;
     END IF;
-    IF routing_changed THEN
+    IF routing_changed OR NEW.owner_role IS DISTINCT FROM OLD.owner_role THEN
         NEW.handler := @extschema@._mqtt_check_route(NEW.name, NEW.handler, NEW.target_table,
-                                                     NEW.conflict_columns, NEW.notify_channel);
+                                                     NEW.conflict_columns, NEW.notify_channel,
+                                                     NEW.owner_role);
     END IF;
     IF NEW.subscribe AND NEW.active THEN
         PERFORM @extschema@._mqtt_require_subscribe(NEW.name);
@@ -270,7 +271,7 @@ BEGIN
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF name, subscribe, active, owner_role,
+CREATE TRIGGER mqtt_topic_check BEFORE INSERT OR UPDATE OF broker_id, name, subscribe, active, owner_role,
     handler, target_table, conflict_columns, notify_channel ON @extschema@.mqtt_topic
 FOR EACH ROW EXECUTE FUNCTION @extschema@._mqtt_topic_check();
 

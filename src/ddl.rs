@@ -250,4 +250,7 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
+    // COPY into a watched table fires its row triggers without an ExecutorFinish: queue their
+    // messages now, as at the end of any other statement.
+    crate::triggers::pending::flush();
 }

@@ -51,6 +51,7 @@ fn _mqtt_subscribe(
         target_table,
         conflict_columns.as_deref(),
         notify_channel,
+        Some(&Caller::now().name),
     );
     let conflict: Option<Vec<String>> = conflict_columns.map(|c| c.into_iter().flatten().collect());
     let caller = Caller::now();

@@ -23,7 +23,9 @@ pub fn check(
     target: Option<pg_sys::Oid>,
     conflict: Option<&[Option<String>]>,
     notify: Option<&str>,
+    owner_role: Option<&str>,
 ) -> Option<String> {
+    let routes = handler.is_some() || target.is_some() || notify.is_some();
     if name.contains(['{', '}']) {
         if let Err(e) = NamedFilter::parse(name) {
             errors::raise(
@@ -56,7 +58,31 @@ pub fn check(
             );
         }
     }
+    if routes {
+        refuse_superuser(owner_role);
+    }
     handler
+}
+
+/// Routing runs as the subscription's owner_role, and never as a superuser: the objects it
+/// touches (a function in public, a target table's triggers) may be changed by roles that are
+/// not, which would then run their code with a superuser's rights.
+fn refuse_superuser(owner_role: Option<&str>) {
+    let Some(role) = owner_role else { return };
+    let superuser = Spi::get_one_with_args::<bool>(
+        "SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1",
+        &[role.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if superuser {
+        errors::raise(
+            INSUFFICIENT_PRIVILEGE,
+            format!("routing for this subscription would run as a superuser (role \"{role}\")"),
+            Some("Routing runs as the role that configures it and never as a superuser: subscribe as the role that should own it (SET ROLE odoo; SELECT mqtt_subscribe(...)), or, as a superuser, write the mqtt_topic row with owner_role set to a role that is not one."),
+        );
+    }
 }
 
 fn check_handler(h: HandlerRef<'_>) -> String {
@@ -251,6 +277,7 @@ fn _mqtt_check_route(
     target_table: Option<pg_sys::Oid>,
     conflict_columns: Option<Vec<Option<String>>>,
     notify_channel: Option<&str>,
+    owner_role: Option<&str>,
 ) -> Option<String> {
     check(
         name.unwrap_or_default(),
@@ -258,5 +285,6 @@ fn _mqtt_check_route(
         target_table,
         conflict_columns.as_deref(),
         notify_channel,
+        owner_role,
     )
 }

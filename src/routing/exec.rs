@@ -69,6 +69,16 @@ pub fn route(
                 format!("{}: {e}", r.describe()),
             ),
         };
+        if security::is_superuser(owner) {
+            // Refused when configured (see check); a role can have become one since.
+            permanent_error(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "{}: its owner_role is a superuser, and routing never runs as one",
+                    r.describe()
+                ),
+            );
+        }
         security::as_role(owner, USER_SEARCH_PATH, || {
             if let Some(t) = &r.target {
                 let what = match t {

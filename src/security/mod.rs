@@ -39,7 +39,7 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Run `f` as `role` with `search_path`, in a restricted security context, as
-/// [`as_extension_owner`] does. Settings `f` changes (SET LOCAL in a handler) end with it.
+/// [`as_extension_owner`] does. Settings `f` changes (SET or SET LOCAL in a handler) end with it.
 pub fn as_role<R>(role: pg_sys::Oid, search_path: &std::ffi::CStr, f: impl FnOnce() -> R) -> R {
     let owner = role;
     // SAFETY: a GUC nest level, as fmgr_security_definer opens one for its SET clauses; it is
@@ -76,7 +76,10 @@ pub fn as_role<R>(role: pg_sys::Oid, search_path: &std::ffi::CStr, f: impl FnOnc
     // SAFETY: restores what was saved above.
     unsafe {
         pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
-        pg_sys::AtEOXact_GUC(true, nest);
+        // false: as at an abort, every setting changed inside goes back, a plain SET (or
+        // set_config(..., false)) in a handler included. With true a session-level SET would
+        // outlive `f` and stay in force for whatever the caller (the worker) runs next.
+        pg_sys::AtEOXact_GUC(false, nest);
     }
     out
 }

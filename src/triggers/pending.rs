@@ -3,8 +3,9 @@
 //! A trigger fires once per row: one INSERT per row would make a bulk UPDATE of a watched
 //! table many times slower than the UPDATE itself. So the trigger only checks and keeps the
 //! message here, and the rows go into the outbox in one set-based INSERT:
-//! - at the end of the statement that fired them (an `ExecutorFinish` hook), so they are in
-//!   the outbox, in order, before the next statement of the transaction runs;
+//! - at the end of the statement that fired them (an `ExecutorFinish` hook, and after utility
+//!   statements such as COPY, see `ddl`), so they are in the outbox, in order, before the next
+//!   statement of the transaction runs;
 //! - before `mqtt_publish` writes its own row, so the outbox keeps the order of the calls;
 //! - when the buffer grows large, so memory stays bounded;
 //! - at the latest before commit or PREPARE (deferred constraint triggers fire there).
@@ -106,7 +107,8 @@ pub fn flush() {
 }
 
 fn write(full: bool) {
-    if FLUSHING.get() || is_empty() {
+    // SAFETY: a plain read of the transaction state.
+    if FLUSHING.get() || is_empty() || !unsafe { pg_sys::IsTransactionState() } {
         return;
     }
     let rows = take(full);
@@ -121,6 +123,16 @@ fn write(full: bool) {
     let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_bytes()).collect();
     let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
     let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
+    // At commit, after COPY, or in a portal's clean-up there is no active snapshot, which SPI
+    // needs; the transaction's own serves (a transaction abort pops it if the INSERT fails).
+    // SAFETY: snapshot stack calls inside a transaction, balanced below.
+    let pushed = unsafe {
+        let push = !pg_sys::ActiveSnapshotSet();
+        if push {
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+        push
+    };
     security::as_extension_owner(|| {
         Spi::connect_mut(|client| {
             if let Err(e) = client.update(
@@ -143,6 +155,10 @@ fn write(full: bool) {
             }
         })
     });
+    if pushed {
+        // SAFETY: pops the snapshot pushed above.
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
 }
 
 /// Runs `f` when dropped, also when an ERROR unwinds through.

@@ -580,11 +580,8 @@ impl Worker {
     /// Store a batch in one transaction and, once it has committed, acknowledge its messages.
     /// False when the database refused it for a passing reason: it is tried again later.
     fn store(&mut self, batch: store::Batch) -> bool {
-        // After a few failed attempts a routing failure is taken to be the message's own.
-        let give_up = self.retries >= 3;
-        let stored = BackgroundWorker::transaction(|| {
-            store::store(&self.schema, &batch, &self.routes, give_up)
-        });
+        let stored =
+            BackgroundWorker::transaction(|| store::store(&self.schema, &batch, &self.routes));
         let outcome = match stored {
             Ok(outcome) => outcome,
             Err(e) => {

@@ -31,6 +31,8 @@ const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 unsafe extern "C-unwind" {
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
     fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    /// tcop/tcopprot.h: the SIGTERM handler of every backend (sets ProcDiePending).
+    fn die(signal: std::ffi::c_int);
 }
 
 thread_local! {
@@ -59,17 +61,12 @@ pub struct Outcome {
 /// everything is rolled back and the error returned, so the caller can retry the same batch
 /// later, with nothing acknowledged and nothing set aside meanwhile.
 ///
-/// Received messages are routed (see `routing`) in the same transaction. A routing failure of
-/// the moment is retried like any other, until `give_up` (the batch has failed several times):
-/// then it counts as the message's own, and the message is set aside, so that a handler that
-/// keeps timing out cannot hold the stream up for ever.
-pub fn store(
-    schema: &str,
-    batch: &Batch,
-    routes: &Routes,
-    give_up: bool,
-) -> Result<Outcome, String> {
-    subxact::run(|| store_all(schema, batch, routes, give_up)).map_err(|f| f.message)
+/// Received messages are routed (see `routing`) in the same transaction. Whatever goes wrong
+/// in routing counts as the message's own, even an error that looks passing (a serialization
+/// failure, a lock timeout): it runs code and tables of a subscriber's, who must not be able to
+/// hold up the stream of every broker by raising one.
+pub fn store(schema: &str, batch: &Batch, routes: &Routes) -> Result<Outcome, String> {
+    subxact::run(|| store_all(schema, batch, routes)).map_err(|f| f.message)
 }
 
 /// Re-raise a transient failure, with its SQLSTATE (to roll back the whole batch); hand back a
@@ -81,7 +78,7 @@ fn permanent(failure: subxact::Failure) -> String {
     failure.message
 }
 
-fn store_all(schema: &str, batch: &Batch, routes: &Routes, give_up: bool) -> Outcome {
+fn store_all(schema: &str, batch: &Batch, routes: &Routes) -> Outcome {
     let mut outcome = Outcome::default();
     Spi::connect_mut(|client| {
         let mut refused: Vec<(&InMessage, String)> = Vec::new();
@@ -111,7 +108,7 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes, give_up: bool) -> Out
             }
         }
         for chunk in chunks_by_size(&routed, MAX_BATCH_BYTES, |(m, _)| m.payload.len()) {
-            for m in store_chunk(client, schema, chunk, give_up, &mut refused) {
+            for m in store_chunk(client, schema, chunk, &mut refused) {
                 outcome.counts.entry(m.broker_id).or_default().0 += 1;
                 outcome.acks.extend(m.ack);
             }
@@ -142,7 +139,7 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes, give_up: bool) -> Out
             let result = client.update(
                 &format!(
                     "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
-                       USING unnest($1::int8[], $2::text[]) AS u(id, error) \
+                       USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[])) AS u(id, error) \
                        WHERE o.id OPERATOR(pg_catalog.=) u.id \
                        RETURNING o.*, u.error) \
                      INSERT INTO {schema}.mqtt_dead_letter \
@@ -181,11 +178,10 @@ fn store_chunk<'a>(
     client: &mut SpiClient<'_>,
     schema: &str,
     chunk: &[(&'a InMessage, Vec<&Route>)],
-    give_up: bool,
     refused: &mut Vec<(&'a InMessage, String)>,
 ) -> Vec<&'a InMessage> {
     TIMED_OUT.set(false);
-    let stored = subxact::run(|| insert_and_route(client, schema, chunk, give_up));
+    let stored = subxact::run(|| insert_and_route(client, schema, chunk));
     match stored {
         Ok(()) => chunk.iter().map(|(m, _)| *m).collect(),
         Err(e) => {
@@ -202,7 +198,6 @@ fn store_chunk<'a>(
                         client,
                         schema,
                         std::slice::from_ref(one),
-                        give_up,
                         refused,
                     ));
                 }
@@ -216,19 +211,14 @@ fn store_chunk<'a>(
                 );
             }
             let (a, b) = chunk.split_at(chunk.len() / 2);
-            let mut stored = store_chunk(client, schema, a, give_up, refused);
-            stored.extend(store_chunk(client, schema, b, give_up, refused));
+            let mut stored = store_chunk(client, schema, a, refused);
+            stored.extend(store_chunk(client, schema, b, refused));
             stored
         }
     }
 }
 
-fn insert_and_route(
-    client: &mut SpiClient<'_>,
-    schema: &str,
-    chunk: &[(&InMessage, Vec<&Route>)],
-    give_up: bool,
-) {
+fn insert_and_route(client: &mut SpiClient<'_>, schema: &str, chunk: &[(&InMessage, Vec<&Route>)]) {
     let routed = chunk.iter().any(|(_, r)| !r.is_empty());
     let ids = insert_received(client, schema, chunk, routed);
     if !routed {
@@ -242,16 +232,24 @@ fn insert_and_route(
     // A single message is routed step by step, so that its error names the step.
     let describe = chunk.len() == 1;
     let limit = gucs::ROUTE_TIMEOUT_MS.get();
+    // While a subscriber's code runs, SIGTERM is PostgreSQL's own `die`: a handler that loops
+    // (even one catching query_canceled) cannot keep the worker from stopping; the batch is
+    // not committed, so nothing is acknowledged and the broker sends it again.
     // SAFETY: the statement timeout machinery every backend has (the worker's own
-    // statement_timeout is 0, so nothing else uses the timer); disarmed below on every path.
-    unsafe {
+    // statement_timeout is 0, so nothing else uses the timer); both are undone below on every
+    // path, since subxact::run returns on error too.
+    let sigterm = unsafe {
         if limit > 0 {
             enable_timeout_after(STATEMENT_TIMEOUT, limit);
         }
-    }
+        pg_sys::pqsignal(libc::SIGTERM, Some(die))
+    };
     let routed = subxact::run(|| exec::route(client, schema, &msgs, describe));
     // SAFETY: as above.
-    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    unsafe {
+        disable_timeout(STATEMENT_TIMEOUT, false);
+        pg_sys::pqsignal(libc::SIGTERM, sigterm);
+    }
     if let Err(f) = routed {
         // The timer is ours alone (the worker's statement_timeout is 0), and PostgreSQL
         // clears its indicator when it raises, so the error itself says it fired.
@@ -269,8 +267,9 @@ fn insert_and_route(
                 )
             );
         }
-        let code = if f.transient && give_up {
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR // counts as the message's own now
+        // Never "transient" (see `store`): the message is set aside, the batch goes on.
+        let code = if f.transient {
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
         } else {
             f.code
         };
@@ -302,9 +301,11 @@ fn insert_received(
              (broker_id, topic, payload, qos, retain, direction, message_id, \"timestamp\") \
              SELECT b, t, p, q, r, 'receive', m, \
                     'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
-                    (u::pg_catalog.float8 OPERATOR(pg_catalog.*) interval '1 microsecond') \
-             FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::int2[], $5::bool[], \
-                         $6::int4[], $7::int8[]) AS x(b, t, p, q, r, m, u){}",
+                    (u::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval) \
+             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int4[]), pg_catalog.unnest($2::pg_catalog.text[]), \
+                   pg_catalog.unnest($3::pg_catalog.bytea[]), pg_catalog.unnest($4::pg_catalog.int2[]), \
+                   pg_catalog.unnest($5::pg_catalog.bool[]), pg_catalog.unnest($6::pg_catalog.int4[]), \
+                   pg_catalog.unnest($7::pg_catalog.int8[])) AS x(b, t, p, q, r, m, u){}",
             if returning { " RETURNING id" } else { "" }
         ),
         None,
@@ -402,7 +403,7 @@ fn move_to_history(
     let result = client.update(
         &format!(
             "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
-               USING unnest($1::int8[], $2::int4[]) AS u(id, pkid) \
+               USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.int4[])) AS u(id, pkid) \
                WHERE o.id OPERATOR(pg_catalog.=) u.id \
                RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, u.pkid) \
              INSERT INTO {schema}.mqtt_message_history \

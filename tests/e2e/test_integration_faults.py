@@ -1,0 +1,187 @@
+"""Integration under attack and in PostgreSQL's corners: what a hostile handler can do to the
+worker (settings it leaves behind, loops, transient errors), and row-change messages queued by
+statements that never pass through the executor's end (COPY, deferred triggers, cursors,
+PREPARE TRANSACTION).
+
+Every test runs in a database owned by a non-superuser role, as Odoo's is (see test_security's
+`odoo` fixture), and configures routing as that role: routing never runs as a superuser.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+import pytest
+
+from harness import HOST, mosquitto_pub, mqtt_sub, unique, wait_for, wait_status
+from test_security import is_superuser, odoo  # noqa: F401  (fixture)
+
+MSG = "public.mqtt_message_history"
+
+
+def start_broker(o, mosq) -> str:
+    name = unique("b")
+    o.execute("INSERT INTO mqtt_broker (name, host, port, is_default) VALUES (%s, %s, %s, true)",
+              (name, HOST, mosq.port))
+    o.execute("SELECT mqtt_start_listener(%s)", (name,))
+    wait_status(o, name, "connected")
+    return name
+
+
+def worker_pid(pg, db) -> int | None:
+    with pg.connect() as admin:
+        row = admin.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtt_pg worker' "
+                            "AND datname = %s", (db,)).fetchone()
+    return row[0] if row else None
+
+
+def client_id(o, broker) -> str:
+    return o.execute("SELECT mqtt_status(%s)->>'client_id'", (broker,)).fetchone()[0] or \
+        o.execute("SELECT mqtt_start_listener(%s)", (broker,)).fetchone()[0]
+
+
+# ---- settings a handler leaves behind -----------------------------------------------------
+
+def test_a_handlers_session_settings_end_with_its_routing(pg, odoo, mosq, topic):  # noqa: F811
+    """A plain SET (set_config(..., false)) in a handler must not outlive the routing: not a
+    search_path that would make the worker's next statements resolve the owner's types (a
+    domain whose CHECK makes the owner a superuser), not default_transaction_read_only = on
+    (which would stop all storing)."""
+    db, owner, connect = odoo
+    o = connect()
+    o.execute("CREATE SCHEMA trap")
+    o.execute(f"""CREATE FUNCTION trap.evil(int) RETURNS boolean LANGUAGE plpgsql AS
+                  $f$BEGIN EXECUTE 'ALTER ROLE "{owner}" SUPERUSER'; RETURN true; END$f$""")
+    for t in ("int4", "int8", "int2", "text", "bool", "bytea"):
+        o.execute(f"CREATE DOMAIN trap.{t} AS pg_catalog.{t} CHECK (trap.evil(1))")
+    o.execute("CREATE TABLE seen (body text, path text, ro text)")
+    o.execute(f"""CREATE FUNCTION on_msg(m {MSG}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN
+            INSERT INTO public.seen VALUES (pg_catalog.convert_from(m.payload, 'UTF8'),
+                pg_catalog.current_setting('search_path'),
+                pg_catalog.current_setting('default_transaction_read_only'));
+            PERFORM pg_catalog.set_config('search_path', 'trap, pg_catalog', false);
+            PERFORM pg_catalog.set_config('default_transaction_read_only', 'on', false);
+        END $f$""")
+    broker = start_broker(o, mosq)
+    t = f"{topic}/set"
+    o.execute("SELECT mqtt_subscribe(%s, 1, handler => 'on_msg(mqtt_message_history)')", (t,))
+    wait_for(lambda: mosq.subscribed(client_id(o, broker), t), message="subscribed")
+    for i in range(3):  # separate batches: each waits for the one before
+        mosquitto_pub(mosq.port, t, f"m{i}", qos=1)
+        wait_for(lambda: o.execute("SELECT count(*) FROM seen").fetchone()[0] == i + 1, timeout=15,
+                 message=f"message {i} handled")
+    rows = o.execute("SELECT body, path, ro FROM seen ORDER BY body").fetchall()
+    assert rows == [(f"m{i}", '"$user", public', "off") for i in range(3)], rows
+    assert o.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s", (t,)).fetchone()[0] == 3
+    assert o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
+    assert not is_superuser(pg, owner)
+
+
+# ---- a handler that never returns ---------------------------------------------------------
+
+def test_sigterm_stops_a_worker_stuck_in_a_handler_that_swallows_cancels(pg, odoo, mosq, topic):  # noqa: F811
+    """A handler looping for ever and catching query_canceled outlives mqtt_pg.route_timeout;
+    pg_terminate_backend still stops the worker at once (SIGTERM is PostgreSQL's die while a
+    subscriber's code runs). Nothing was acknowledged, so once the handler is fixed the next
+    worker gets the message again from the broker and routes it once."""
+    db, owner, connect = odoo
+    o = connect()
+    o.execute("CREATE TABLE seen (body text)")
+    o.execute(f"""CREATE FUNCTION on_msg(m {MSG}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN
+            LOOP
+                BEGIN PERFORM pg_catalog.pg_sleep(0.1); EXCEPTION WHEN query_canceled THEN NULL; END;
+            END LOOP;
+        END $f$""")
+    broker = start_broker(o, mosq)
+    t = f"{topic}/loop"
+    o.execute("SELECT mqtt_subscribe(%s, 1, handler => 'on_msg(mqtt_message_history)')", (t,))
+    wait_for(lambda: mosq.subscribed(client_id(o, broker), t), message="subscribed")
+    stuck = worker_pid(pg, db)
+    mosquitto_pub(mosq.port, t, "hello", qos=1)
+    with pg.connect() as admin:
+        wait_for(lambda: admin.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                                       (stuck,)).fetchone()[0] == "PgSleep", message="the handler running")
+    o.execute(f"""CREATE OR REPLACE FUNCTION on_msg(m {MSG}) RETURNS void LANGUAGE sql AS
+                  $f$ INSERT INTO public.seen VALUES (pg_catalog.convert_from(m.payload, 'UTF8')) $f$""")
+    with pg.connect() as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (stuck,)).fetchone()[0]
+        t0 = time.monotonic()
+        wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                       (stuck,)).fetchone()[0] == 0, timeout=10, message="the stuck worker gone")
+        assert time.monotonic() - t0 < 5
+    wait_for(lambda: o.execute("SELECT count(*) FROM seen").fetchone()[0] >= 1, timeout=60,
+             message="the message routed by the next worker")
+    assert o.execute("SELECT body FROM seen").fetchall() == [("hello",)]
+    assert o.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s", (t,)).fetchone()[0] == 1
+
+
+# ---- row-change messages outside the executor's end ---------------------------------------
+
+@pytest.fixture
+def watched(pg, odoo, mosq, topic):  # noqa: F811
+    db, owner, connect = odoo
+    o = connect()
+    start_broker(o, mosq)
+    o.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+    o.execute("SELECT mqtt_watch_table('w', %s, 1)", (f"{topic}/w/{{op}}/{{id}}",))
+    return o, connect
+
+
+def ops(sub, n):
+    got = [(m[0].rsplit("/", 2)[1], json.loads(m[1])["new"] or json.loads(m[1])["old"]) for m in sub.wait_count(n)]
+    return sorted(got, key=lambda x: x[1]["id"])
+
+
+def test_copy_into_a_watched_table_publishes(watched, mosq, topic):
+    o, connect = watched
+    with mqtt_sub(mosq.port, f"{topic}/w/#") as sub:
+        with o.cursor().copy("COPY w FROM STDIN") as cp:  # autocommit: COPY is its own transaction
+            cp.write_row((1, "a"))
+            cp.write_row((2, "b/c"))
+        with o.transaction():
+            with o.cursor().copy("COPY w FROM STDIN") as cp:
+                cp.write_row((3, "d"))
+            # in the outbox at the end of the COPY, as after any other statement
+            assert o.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] >= 1
+        assert ops(sub, 3) == [("insert", {"id": i, "v": v}) for i, v in ((1, "a"), (2, "b/c"), (3, "d"))]
+    assert o.execute("SELECT count(*) FROM mqtt_message_history WHERE direction = 'send'").fetchone()[0] == 3
+
+
+def test_deferred_publish_trigger_and_cursors_at_commit(watched, mosq, topic):
+    o, connect = watched
+    o.execute("CREATE TABLE d (id int PRIMARY KEY)")
+    o.execute("CREATE CONSTRAINT TRIGGER d_mqtt AFTER INSERT ON d DEFERRABLE INITIALLY DEFERRED "
+              "FOR EACH ROW EXECUTE FUNCTION mqtt_publish_trigger(%s, '1')" % psycopg.sql.quote(f"{topic}/d/{{id}}"))
+    with mqtt_sub(mosq.port, f"{topic}/#") as sub:
+        with o.transaction():
+            o.execute("INSERT INTO d VALUES (8)")   # fires at COMMIT
+        with o.transaction():
+            o.execute("INSERT INTO w VALUES (10, 'x')")
+            o.execute("DECLARE c CURSOR FOR SELECT 1")  # closed at commit, after the flush point
+        with o.transaction():
+            o.execute("INSERT INTO d VALUES (9)")
+            o.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            o.execute("SELECT 1")
+        got = sorted(m[0].split("/", 2)[2] for m in sub.wait_count(3))
+    assert got == ["d/8", "d/9", "w/insert/10"]
+
+
+def test_prepared_transaction_publishes_only_when_committed(watched, mosq, topic, pg):
+    o, connect = watched
+    with mqtt_sub(mosq.port, f"{topic}/w/#") as sub:
+        gid1, gid2 = unique("g"), unique("g")
+        o.execute("BEGIN")
+        o.execute("INSERT INTO w VALUES (20, 'rolled back')")
+        o.execute(f"PREPARE TRANSACTION '{gid1}'")
+        o.execute("BEGIN")
+        o.execute("INSERT INTO w VALUES (21, 'committed')")
+        o.execute(f"PREPARE TRANSACTION '{gid2}'")
+        o.execute(f"ROLLBACK PREPARED '{gid1}'")
+        o.execute(f"COMMIT PREPARED '{gid2}'")
+        o.execute("INSERT INTO w VALUES (22, 'marker')")
+        got = [m[0].rsplit("/", 1)[1] for m in sub.wait_count(2)]
+    assert sorted(got) == ["21", "22"]
