@@ -32,6 +32,14 @@ enum Fill {
     Column(usize),
 }
 
+/// A value's `::text`: the type's cast to text where it has one (boolean's gives `true`, not
+/// its output form `t`), else its output function.
+#[derive(Clone, Copy)]
+enum ToText {
+    Cast(*mut pg_sys::FmgrInfo),
+    Output(*mut pg_sys::FmgrInfo),
+}
+
 /// Everything the trigger works out once per statement (kept in the function's `fn_extra`).
 struct Setup {
     template: Template,
@@ -49,8 +57,8 @@ struct Setup {
     head: String,
     /// to_jsonb for each column of the descriptor (None: not needed).
     to_jsonb: Vec<Option<*mut pg_sys::FmgrInfo>>,
-    /// Type output function for each column a placeholder names.
-    output: Vec<Option<*mut pg_sys::FmgrInfo>>,
+    /// How each column a placeholder names becomes text.
+    output: Vec<Option<ToText>>,
     jsonb_out: *mut pg_sys::FmgrInfo,
 }
 
@@ -259,12 +267,29 @@ impl Setup {
         let mut output = vec![None; cols.len()];
         for f in &fills {
             if let Fill::Column(i) = f {
-                let mut func = pg_sys::InvalidOid;
-                let mut varlena = false;
-                // SAFETY: a type cache look-up for a column's existing type.
-                unsafe { pg_sys::getTypeOutputInfo(cols[*i].1, &mut func, &mut varlena) };
-                // SAFETY: as above.
-                output[*i] = Some(unsafe { fmgr(mcxt, func, None) });
+                let typ = cols[*i].1;
+                let mut cast = pg_sys::InvalidOid;
+                // SAFETY: catalog look-ups for a column's existing type; the FmgrInfos live
+                // in the statement's context.
+                output[*i] = Some(unsafe {
+                    let path = pg_sys::find_coercion_pathway(
+                        pg_sys::TEXTOID,
+                        typ,
+                        pg_sys::CoercionContext::COERCION_EXPLICIT,
+                        &mut cast,
+                    );
+                    if path == pg_sys::CoercionPathType::COERCION_PATH_FUNC
+                        && cast != pg_sys::InvalidOid
+                        && pg_sys::get_func_nargs(cast) == 1
+                    {
+                        ToText::Cast(fmgr(mcxt, cast, None))
+                    } else {
+                        let mut func = pg_sys::InvalidOid;
+                        let mut varlena = false;
+                        pg_sys::getTypeOutputInfo(typ, &mut func, &mut varlena);
+                        ToText::Output(fmgr(mcxt, func, None))
+                    }
+                });
             }
         }
         let head = format!(
@@ -341,10 +366,15 @@ impl Row {
         if self.nulls[i] {
             return None;
         }
-        let f = setup.output[i]?;
-        // SAFETY: the column type's output function with its value.
+        // SAFETY: the column type's cast to text, or its output function, with its value.
         unsafe {
-            let text = pg_sys::OutputFunctionCall(f, self.values[i]);
+            let text = match setup.output[i]? {
+                ToText::Cast(f) => pg_sys::text_to_cstring(
+                    pg_sys::FunctionCall1Coll(f, pg_sys::DEFAULT_COLLATION_OID, self.values[i])
+                        .cast_mut_ptr(),
+                ),
+                ToText::Output(f) => pg_sys::OutputFunctionCall(f, self.values[i]),
+            };
             Some(CStr::from_ptr(text).to_string_lossy().into_owned())
         }
     }
