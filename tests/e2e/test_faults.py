@@ -356,8 +356,11 @@ def test_sigkill_worker_during_ingest(pg, make_broker, fresh_mosq, topic, closin
         wait_for(lambda: history_count(c, t, "receive") >= 3000, timeout=60, interval=0.01,
                  message="ingest to be under way")
         stored = history_count(c, t, "receive")
-    kill_at = datetime.now(timezone.utc)
     killed = pg.kill_worker(TEST_DB)
+    # Taken once the signal is sent: every message the killed worker read carries an earlier
+    # time, and the next worker starts after it. (Taken before, the worker's last batches in
+    # the moment between would count as stored after the kill.)
+    kill_at = datetime.now(timezone.utc)
     assert killed, "no worker to kill"
     print(f"\n[sigkill ingest] killed {killed} with {stored} stored, {pub.acked()} acked by the broker")
     th.join(60)
