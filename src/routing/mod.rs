@@ -17,6 +17,8 @@ use mqtt_pg_core::template::NamedFilter;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
+use crate::security::access::{self, Operation};
+
 /// A subscription that routes its messages somewhere.
 pub struct Route {
     pub topic_id: i32,
@@ -122,6 +124,14 @@ pub fn load(client: &SpiClient<'_>, schema: &str, broker: Option<i32>) -> Routes
             name,
         };
         out.entry(broker_id).or_default().push(route);
+    }
+    // A route whose role has lost its rule takes no messages, not even ones that arrive through
+    // another role's subscription (worker::config stops subscribing it and says why).
+    for routes in out.values_mut() {
+        routes.retain(|r| match r.owner {
+            Ok(role) => access::allowed(role, &r.filter.filter, Operation::Subscribe),
+            Err(_) => true, // routing it fails with that error, visibly
+        });
     }
     out
 }

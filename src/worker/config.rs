@@ -8,6 +8,7 @@ use mqtt_pg_core::tls::TlsSettings;
 use pgrx::prelude::*;
 
 use crate::api::listener::client_id_for;
+use crate::security::access::{self, Operation};
 use crate::security::secrets;
 
 /// One active broker as configured.
@@ -121,21 +122,36 @@ pub fn load(schema: &str) -> Vec<Loaded> {
         }
         let subs = client.select(
             &format!(
-                "SELECT t.id, t.broker_id, t.name, t.qos FROM {schema}.mqtt_topic t \
+                "SELECT t.id, t.broker_id, t.name, t.qos, t.owner_role, r.oid FROM {schema}.mqtt_topic t \
+                 LEFT JOIN pg_catalog.pg_roles r ON r.rolname OPERATOR(pg_catalog.=) t.owner_role \
                  WHERE t.subscribe AND t.active ORDER BY t.id"
             ),
             None,
             &[],
         );
         let Ok(subs) = subs else { return };
-        for row in subs {
-            let topic_id = row.get::<i32>(1).ok().flatten().unwrap_or(0);
-            let broker_id = row.get::<i32>(2).ok().flatten().unwrap_or(0);
-            let filter = row.get::<String>(3).ok().flatten().unwrap_or_default();
-            let qos = row.get::<i16>(4).ok().flatten().unwrap_or(0).clamp(0, 2) as u8;
+        let subs: Vec<_> = subs
+            .map(|row| {
+                (
+                    row.get::<i32>(1).ok().flatten().unwrap_or(0),
+                    row.get::<i32>(2).ok().flatten().unwrap_or(0),
+                    row.get::<String>(3).ok().flatten().unwrap_or_default(),
+                    row.get::<i16>(4).ok().flatten().unwrap_or(0).clamp(0, 2) as u8,
+                    row.get::<String>(5).ok().flatten(),
+                    row.get::<pg_sys::Oid>(6).ok().flatten(),
+                )
+            })
+            .collect();
+        for (topic_id, broker_id, filter, qos, owner_name, owner) in subs {
             let Some(b) = out.iter_mut().find(|b| b.id == broker_id) else {
                 continue;
             };
+            if let Err(why) = still_allowed(&filter, owner_name.as_deref(), owner) {
+                b.problem = Some(format!(
+                    "mqtt_topic {topic_id} (\"{filter}\") is not subscribed: {why}"
+                ));
+                continue;
+            }
             // Rows inserted directly (as an Odoo model would) skip mqtt_subscribe's checks. A
             // filter naming its levels (plant/{line}/t) is subscribed with + for them.
             match mqtt_pg_core::template::NamedFilter::parse(&filter) {
@@ -152,4 +168,31 @@ pub fn load(schema: &str) -> Vec<Loaded> {
         }
     });
     out
+}
+
+/// May the role that made a subscription still subscribe to it? Rules are checked when a
+/// subscription is made, and again at every load: a rule the owner has since removed (or a
+/// role dropped) ends the subscription, and so its routing. Rows without an owner_role predate
+/// ownership and were made by a superuser.
+fn still_allowed(
+    filter: &str,
+    owner_name: Option<&str>,
+    owner: Option<pg_sys::Oid>,
+) -> Result<(), String> {
+    let Some(name) = owner_name else {
+        return Ok(());
+    };
+    let Some(oid) = owner else {
+        return Err(format!("its owner_role \"{name}\" does not exist"));
+    };
+    let subscribed = mqtt_pg_core::template::NamedFilter::parse(filter)
+        .map(|f| f.filter)
+        .unwrap_or_else(|_| filter.to_string());
+    if access::allowed(oid, &subscribed, Operation::Subscribe) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no rule in mqtt_access_control lets its role \"{name}\" subscribe to it any more"
+        ))
+    }
 }

@@ -185,3 +185,44 @@ def test_prepared_transaction_publishes_only_when_committed(watched, mosq, topic
         o.execute("INSERT INTO w VALUES (22, 'marker')")
         got = [m[0].rsplit("/", 1)[1] for m in sub.wait_count(2)]
     assert sorted(got) == ["21", "22"]
+
+
+# ---- a rule taken back --------------------------------------------------------------------
+
+def test_a_revoked_rule_ends_the_subscription_and_its_routing(pg, odoo, mosq, topic):  # noqa: F811
+    """Rules are checked when a subscription is made and again whenever the worker loads it:
+    once the owner takes a role's rule away, that role's subscription is dropped at the broker
+    and its handler gets nothing more, not even messages that still arrive through another
+    role's subscription."""
+    db, owner, connect = odoo
+    o = connect()
+    dev = connect.new_role("dev")
+    o.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_subscribe) VALUES (%s, %s, true)",
+              (dev, f"{topic}/dev/#"))
+    o.execute("CREATE TABLE devlog (body text)")
+    o.execute(f'GRANT INSERT ON devlog TO "{dev}"')
+    o.execute(f"""CREATE FUNCTION dev_h(m {MSG}) RETURNS void LANGUAGE sql AS
+                  $f$ INSERT INTO public.devlog VALUES (pg_catalog.convert_from(m.payload, 'UTF8')) $f$""")
+    broker = start_broker(o, mosq)
+    cid = client_id(o, broker)
+    d = connect(user=dev)
+    d.execute("SELECT mqtt_subscribe(%s, 1, handler => 'dev_h(mqtt_message_history)')", (f"{topic}/dev/#",))
+    o.execute("SELECT mqtt_subscribe(%s, 1)", (f"{topic}/#",))  # the owner's own, plain
+    wait_for(lambda: mosq.subscribed(cid, f"{topic}/dev/#") and mosq.subscribed(cid, f"{topic}/#"),
+             message="both subscribed")
+    mosquitto_pub(mosq.port, f"{topic}/dev/1", "before", qos=1)
+    wait_for(lambda: o.execute("SELECT count(*) FROM devlog").fetchone()[0] == 1, message="routed")
+
+    o.execute("DELETE FROM mqtt_access_control WHERE role_name = %s", (dev,))
+    # mosquitto logs an UNSUBSCRIBE as "<client id> <filter>" (a SUBSCRIBE has the qos between)
+    wait_for(lambda: any(line.endswith(f" {cid} {topic}/dev/#") for line in mosq.log_text().splitlines()),
+             timeout=10, message="the revoked subscription unsubscribed at the broker")
+    status = o.execute("SELECT mqtt_status(%s)->>'last_error'", (broker,)).fetchone()[0]
+    assert "is not subscribed" in status and dev in status, status
+    mosquitto_pub(mosq.port, f"{topic}/dev/2", "after", qos=1)
+    wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",
+                               (f"{topic}/dev/2",)).fetchone()[0] == 1,
+             message="the message stored through the owner's subscription")
+    assert o.execute("SELECT body FROM devlog").fetchall() == [("before",)], \
+        "the role whose rule was taken away gets nothing more"
+    assert o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
