@@ -112,6 +112,11 @@ pub struct DbSlot {
     pub wake_flags: u32,
     /// Earliest time (µs since epoch) the launcher may start a worker again after a failure.
     pub not_before_us: i64,
+    /// Left by a worker that routing held past its hard limit (see `worker::hung`), for the
+    /// next one: the message to set aside (when it was routing one alone), or how many of the
+    /// first messages to route one by one (when it was routing a batch).
+    pub hung_message: u64,
+    pub hung_batch: u32,
     pub brokers: [BrokerSlot; MAX_BROKERS],
 }
 
@@ -123,6 +128,8 @@ impl DbSlot {
         latch: 0,
         wake_flags: 0,
         not_before_us: 0,
+        hung_message: 0,
+        hung_batch: 0,
         brokers: [BrokerSlot::EMPTY; MAX_BROKERS],
     };
 

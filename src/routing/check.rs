@@ -119,6 +119,8 @@ fn check_handler(h: HandlerRef<'_>) -> String {
                AND NOT p.proretset, \
                p.oid::pg_catalog.regprocedure::pg_catalog.text, \
                pg_catalog.has_function_privilege(p.oid, 'EXECUTE') \
+               AND (pg_catalog.pg_has_role(p.proowner, 'USAGE') \
+                    OR (SELECT o.rolsuper FROM pg_catalog.pg_roles o WHERE o.oid OPERATOR(pg_catalog.=) p.proowner)) \
              FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) $1"
         ),
         &[oid.into()],
@@ -141,7 +143,7 @@ fn check_handler(h: HandlerRef<'_>) -> String {
         errors::raise(
             INSUFFICIENT_PRIVILEGE,
             format!("permission denied for handler function {shown}"),
-            Some("The handler runs as the role that subscribes, which needs EXECUTE on it."),
+            Some("The handler runs as the role that subscribes, which needs EXECUTE on it, and it must belong to that role (or a role it is a member of, or a superuser): a function of anyone else's could be replaced under it."),
         );
     }
     // Stored schema-qualified, as the worker (whose search_path is pg_catalog) reads it.

@@ -22,8 +22,10 @@ pub struct Msg<'a> {
 }
 
 /// Handlers and everything else a route runs see the search path a new session of their role
-/// gets by default, not the worker's.
-const USER_SEARCH_PATH: &std::ffi::CStr = c"\"$user\", public";
+/// gets by default, not the worker's, with pg_temp named last: left out, it would be searched
+/// first, and a requeue runs in the caller's session, whose temporary tables would stand in
+/// for the handler's own.
+const USER_SEARCH_PATH: &std::ffi::CStr = c"\"$user\", public, pg_temp";
 
 /// Can `m` go to every target table among `routes`? The reason if not, naming the route.
 pub fn shape_check(routes: &[&Route], m: &Msg<'_>) -> Result<(), String> {
@@ -246,6 +248,30 @@ fn insert_sql(table: &str, cols: &[String], filled: &[usize], conflict: &[String
 
 /// Call the handler once per message, in order, with the message's history row.
 fn handler(client: &mut SpiClient<'_>, schema: &str, h: &str, ms: &[&Msg<'_>]) {
+    // The function is called by name: checked again right before, in case the owner of its
+    // schema has dropped it and made one of the same name since the routes were loaded (that
+    // one would run as the subscription's role). It must belong to that role, a role it is a
+    // member of, or a superuser.
+    let trusted = client
+        .select(
+            "SELECT pg_catalog.pg_has_role(p.proowner, 'USAGE') OR o.rolsuper \
+             FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) p.proowner \
+             WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($1)",
+            Some(1),
+            &[format!("{h}({schema}.mqtt_message_history)").into()],
+        )
+        .ok()
+        .and_then(|t| t.first().get_one::<bool>().ok().flatten())
+        .unwrap_or(false);
+    if !trusted {
+        permanent_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "its handler {h} is gone, or now belongs to a role that the subscription's role does \
+                 not act as (replaced by its schema's owner?); configure the subscription again"
+            ),
+        );
+    }
     // The row is built from the values, not read from the table: the role the handler runs
     // as needs no privilege on mqtt_message_history. Columns in the table's order.
     let sql = format!(

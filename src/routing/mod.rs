@@ -62,7 +62,9 @@ pub fn load(client: &SpiClient<'_>, schema: &str, broker: Option<i32>) -> Routes
     let rows = client.select(
         &format!(
             "SELECT t.id, t.broker_id, t.name, t.handler, \
-               pg_catalog.quote_ident(pn.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(p.proname), \
+               CASE WHEN p.oid IS NULL OR pg_catalog.pg_has_role(r.oid, p.proowner, 'USAGE') \
+                      OR (SELECT o.rolsuper FROM pg_catalog.pg_roles o WHERE o.oid OPERATOR(pg_catalog.=) p.proowner) \
+                    THEN pg_catalog.quote_ident(pn.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(p.proname) END, \
                t.target_table::pg_catalog.oid, \
                pg_catalog.quote_ident(cn.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname), \
                t.conflict_columns, t.notify_channel, t.owner_role, r.oid \
@@ -98,7 +100,13 @@ pub fn load(client: &SpiClient<'_>, schema: &str, broker: Option<i32>) -> Routes
             topic_id,
             filter,
             handler: handler_text.map(|h| {
-                handler_sql.ok_or_else(|| format!("its handler {h} does not exist (any more)"))
+                handler_sql.ok_or_else(|| {
+                    format!(
+                        "its handler {h} does not exist (any more), or now belongs to a role that \
+                         its owner_role does not act as (replaced by the schema's owner?); configure \
+                         the subscription again"
+                    )
+                })
             }),
             target: target_oid.map(|oid| match target_sql {
                 Some(sql) => Ok(Target { oid, sql }),

@@ -9,6 +9,7 @@
 //! step blocks for long, so SIGTERM, reloads and DROP DATABASE's barrier are handled promptly.
 
 mod config;
+mod hung;
 mod outbox;
 mod store;
 pub(crate) mod subxact;
@@ -105,6 +106,8 @@ struct Worker {
     retries: u32,
     /// Subscriptions that route their messages, per broker.
     routes: crate::routing::Routes,
+    /// Left by a predecessor that routing held past its hard limit.
+    held: store::Held,
 }
 
 #[pg_guard]
@@ -184,7 +187,18 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
         retry: None,
         retries: 0,
         routes: Default::default(),
+        held: {
+            let (message, alone) = hung::take(dboid);
+            if message.is_some() || alone > 0 {
+                warning!(
+                    "mqtt_pg worker for database {dboid}: the previous worker was stopped because \
+                     routing did not end; the messages it was routing go one by one now"
+                );
+            }
+            store::Held { message, alone }
+        },
     };
+    hung::init();
     let why = worker.run(&wake_rx);
     worker.shutdown(&wake_rx);
     forget_status(dboid);
@@ -580,8 +594,9 @@ impl Worker {
     /// Store a batch in one transaction and, once it has committed, acknowledge its messages.
     /// False when the database refused it for a passing reason: it is tried again later.
     fn store(&mut self, batch: store::Batch) -> bool {
-        let stored =
-            BackgroundWorker::transaction(|| store::store(&self.schema, &batch, &self.routes));
+        let stored = BackgroundWorker::transaction(|| {
+            store::store(&self.schema, &batch, &self.routes, &self.held)
+        });
         let outcome = match stored {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -600,6 +615,10 @@ impl Worker {
             }
         };
         self.retries = 0;
+        if outcome.held_met {
+            self.held.message = None;
+        }
+        self.held.alone = self.held.alone.saturating_sub(outcome.alone_used);
         // Committed: now, and only now, the broker may forget these messages.
         self.engine.ack(outcome.acks);
         for (broker_id, (received, sent)) in outcome.counts {

@@ -17,7 +17,7 @@ use pgrx::PgSqlErrorCode;
 
 use std::cell::Cell;
 
-use super::subxact;
+use super::{hung, subxact};
 use crate::gucs;
 use crate::routing::{exec, Route, Routes};
 
@@ -54,6 +54,17 @@ pub struct Batch {
 pub struct Outcome {
     pub counts: HashMap<i32, (u64, u64)>,
     pub acks: Vec<Ack>,
+    /// The message that held the previous worker was met (and set aside).
+    pub held_met: bool,
+    /// How many of the messages to route one by one this batch took.
+    pub alone_used: u32,
+}
+
+/// What a worker stopped by the hard routing limit left for this one (see `hung`).
+#[derive(Default)]
+pub struct Held {
+    pub message: Option<u64>,
+    pub alone: u32,
 }
 
 /// Store a batch, all or nothing as far as passing trouble goes: if the database fails for a
@@ -65,8 +76,8 @@ pub struct Outcome {
 /// in routing counts as the message's own, even an error that looks passing (a serialization
 /// failure, a lock timeout): it runs code and tables of a subscriber's, who must not be able to
 /// hold up the stream of every broker by raising one.
-pub fn store(schema: &str, batch: &Batch, routes: &Routes) -> Result<Outcome, String> {
-    subxact::run(|| store_all(schema, batch, routes)).map_err(|f| f.message)
+pub fn store(schema: &str, batch: &Batch, routes: &Routes, held: &Held) -> Result<Outcome, String> {
+    subxact::run(|| store_all(schema, batch, routes, held)).map_err(|f| f.message)
 }
 
 /// Re-raise a transient failure, with its SQLSTATE (to roll back the whole batch); hand back a
@@ -78,7 +89,7 @@ fn permanent(failure: subxact::Failure) -> String {
     failure.message
 }
 
-fn store_all(schema: &str, batch: &Batch, routes: &Routes) -> Outcome {
+fn store_all(schema: &str, batch: &Batch, routes: &Routes, held: &Held) -> Outcome {
     let mut outcome = Outcome::default();
     Spi::connect_mut(|client| {
         let mut refused: Vec<(&InMessage, String)> = Vec::new();
@@ -95,7 +106,13 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes) -> Outcome {
         // The subscriptions each message goes to; a payload that cannot become rows of a
         // target table is set aside before any SQL runs.
         let mut routed: Vec<(&InMessage, Vec<&Route>)> = Vec::with_capacity(received.len());
+        let mut alone: Vec<(&InMessage, Vec<&Route>)> = Vec::new();
         for m in received {
+            if !outcome.held_met && held.message == Some(hung::message_hash(m)) {
+                outcome.held_met = true;
+                refused.push((m, hung::HELD_THE_WORKER.to_string()));
+                continue;
+            }
             let mine: Vec<&Route> = routes
                 .get(&m.broker_id)
                 .into_iter()
@@ -103,8 +120,20 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes) -> Outcome {
                 .filter(|r| r.matches(&m.topic))
                 .collect();
             match exec::shape_check(&mine, &view(m, 0)) {
+                // The first messages after a worker held by routing go one by one, so that the
+                // one that held it is found (see `hung`).
+                Ok(()) if outcome.alone_used < held.alone => {
+                    outcome.alone_used += 1;
+                    alone.push((m, mine));
+                }
                 Ok(()) => routed.push((m, mine)),
                 Err(e) => refused.push((m, e)),
+            }
+        }
+        for one in &alone {
+            for m in store_chunk(client, schema, std::slice::from_ref(one), &mut refused) {
+                outcome.counts.entry(m.broker_id).or_default().0 += 1;
+                outcome.acks.extend(m.ack);
             }
         }
         for chunk in chunks_by_size(&routed, MAX_BATCH_BYTES, |(m, _)| m.payload.len()) {
@@ -244,11 +273,18 @@ fn insert_and_route(client: &mut SpiClient<'_>, schema: &str, chunk: &[(&InMessa
         }
         pg_sys::pqsignal(libc::SIGTERM, Some(die))
     };
+    if limit > 0 {
+        let one = (chunk.len() == 1).then(|| hung::message_hash(chunk[0].0));
+        hung::arm(limit.saturating_mul(2), one, chunk.len());
+    }
     let routed = subxact::run(|| exec::route(client, schema, &msgs, describe));
-    // SAFETY: as above.
+    hung::disarm();
+    // SAFETY: as above. A handler's session-level advisory locks are not settings and would
+    // outlive its routing in the worker: released (the worker takes none of its own).
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
         pg_sys::pqsignal(libc::SIGTERM, sigterm);
+        pg_sys::LockReleaseAll(pg_sys::USER_LOCKMETHOD as _, true);
     }
     if let Err(f) = routed {
         // The timer is ours alone (the worker's statement_timeout is 0), and PostgreSQL

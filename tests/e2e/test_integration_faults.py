@@ -74,7 +74,7 @@ def test_a_handlers_session_settings_end_with_its_routing(pg, odoo, mosq, topic)
         wait_for(lambda: o.execute("SELECT count(*) FROM seen").fetchone()[0] == i + 1, timeout=15,
                  message=f"message {i} handled")
     rows = o.execute("SELECT body, path, ro FROM seen ORDER BY body").fetchall()
-    assert rows == [(f"m{i}", '"$user", public', "off") for i in range(3)], rows
+    assert rows == [(f"m{i}", '"$user", public, pg_temp', "off") for i in range(3)], rows
     assert o.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s", (t,)).fetchone()[0] == 3
     assert o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
     assert not is_superuser(pg, owner)
@@ -201,11 +201,13 @@ def test_a_revoked_rule_ends_the_subscription_and_its_routing(pg, odoo, mosq, to
               (dev, f"{topic}/dev/#"))
     o.execute("CREATE TABLE devlog (body text)")
     o.execute(f'GRANT INSERT ON devlog TO "{dev}"')
-    o.execute(f"""CREATE FUNCTION dev_h(m {MSG}) RETURNS void LANGUAGE sql AS
-                  $f$ INSERT INTO public.devlog VALUES (pg_catalog.convert_from(m.payload, 'UTF8')) $f$""")
+    o.execute(f'GRANT CREATE ON SCHEMA public TO "{dev}"')
     broker = start_broker(o, mosq)
     cid = client_id(o, broker)
     d = connect(user=dev)
+    # a handler of dev's own: routing runs only functions of its role (or a superuser's)
+    d.execute(f"""CREATE FUNCTION dev_h(m {MSG}) RETURNS void LANGUAGE sql AS
+                  $f$ INSERT INTO public.devlog VALUES (pg_catalog.convert_from(m.payload, 'UTF8')) $f$""")
     d.execute("SELECT mqtt_subscribe(%s, 1, handler => 'dev_h(mqtt_message_history)')", (f"{topic}/dev/#",))
     o.execute("SELECT mqtt_subscribe(%s, 1)", (f"{topic}/#",))  # the owner's own, plain
     wait_for(lambda: mosq.subscribed(cid, f"{topic}/dev/#") and mosq.subscribed(cid, f"{topic}/#"),
@@ -226,3 +228,139 @@ def test_a_revoked_rule_ends_the_subscription_and_its_routing(pg, odoo, mosq, to
     assert o.execute("SELECT body FROM devlog").fetchall() == [("before",)], \
         "the role whose rule was taken away gets nothing more"
     assert o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 0
+
+
+def set_setting(pg, db, name: str, value: str | None) -> None:
+    """ALTER SYSTEM a sighup setting (None: reset) and wait until new sessions see it."""
+    with pg.connect(db) as c:
+        if value is None:
+            c.execute(f"ALTER SYSTEM RESET {name}")
+        else:
+            c.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(psycopg.sql.SQL(name), psycopg.sql.Literal(value)))
+        c.execute("SELECT pg_reload_conf()")
+
+    def seen():
+        with pg.connect(db) as c:
+            setting, boot, unit = c.execute("SELECT setting, boot_val, unit FROM pg_settings WHERE name = %s",
+                                            (name,)).fetchone()
+        return setting == boot if value is None else setting != boot
+    wait_for(seen, timeout=10, message=f"{name} reloaded")
+
+
+def test_a_handler_that_swallows_cancels_is_set_aside_after_restarts(pg, odoo, mosq, topic):  # noqa: F811
+    """mqtt_pg.route_timeout cancels routing; a handler that catches the cancel and loops is
+    stopped at twice the limit by ending the worker (nothing committed, nothing acknowledged).
+    The next worker routes those messages one by one, the next after it sets aside the one that
+    held it again: the others are stored and handled once, the stream flows on."""
+    db, owner, connect = odoo
+    o = connect()
+    o.execute("CREATE TABLE seen (body text)")
+    o.execute(f"""CREATE FUNCTION on_msg(m {MSG}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN
+            IF pg_catalog.convert_from(m.payload, 'UTF8') = 'stuck' THEN
+                LOOP
+                    BEGIN PERFORM pg_catalog.pg_sleep(0.1); EXCEPTION WHEN query_canceled THEN NULL; END;
+                END LOOP;
+            END IF;
+            INSERT INTO public.seen VALUES (pg_catalog.convert_from(m.payload, 'UTF8'));
+        END $f$""")
+    set_setting(pg, db, "mqtt_pg.route_timeout", "1s")
+    try:
+        broker = start_broker(o, mosq)
+        t = f"{topic}/held"
+        o.execute("SELECT mqtt_subscribe(%s, 1, handler => 'on_msg(mqtt_message_history)')", (t,))
+        wait_for(lambda: mosq.subscribed(client_id(o, broker), t), message="subscribed")
+        first = worker_pid(pg, db)
+        mosquitto_pub(mosq.port, t, lines="a\nstuck\nb\n", qos=1)
+        wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 1, timeout=90,
+                 message="the message that held the worker set aside")
+        [(payload, error)] = o.execute("SELECT convert_from(payload, 'UTF8'), error FROM mqtt_dead_letter").fetchall()
+        assert payload == "stuck" and "twice mqtt_pg.route_timeout" in error, error
+        wait_for(lambda: o.execute("SELECT count(*) FROM seen").fetchone()[0] >= 2, timeout=20, message="a and b")
+        assert sorted(o.execute("SELECT body FROM seen").fetchall()) == [("a",), ("b",)]
+        assert sorted(r[0] for r in o.execute("SELECT convert_from(payload, 'UTF8') FROM mqtt_message_history "
+                                                "WHERE topic = %s", (t,))) == ["a", "b"]
+        assert worker_pid(pg, db) not in (None, first)
+        mosquitto_pub(mosq.port, t, "c", qos=1)
+        wait_for(lambda: o.execute("SELECT 1 FROM seen WHERE body = 'c'").fetchone(), timeout=20, message="c")
+    finally:
+        set_setting(pg, db, "mqtt_pg.route_timeout", None)
+
+
+# ---- what the schema's owner could do to another role's routing ---------------------------
+
+@pytest.fixture
+def dev_routing(pg, odoo, mosq, topic):  # noqa: F811
+    """A role `dev` with a subscribe rule, its own table and handler in public (the owner lets it
+    create there), subscribed with that handler; and a secret table only dev can read."""
+    db, owner, connect = odoo
+    o = connect()
+    dev = connect.new_role("dev")
+    o.execute(f'GRANT CREATE ON SCHEMA public TO "{dev}"')
+    o.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_subscribe) VALUES (%s, %s, true)",
+              (dev, f"{topic}/dev/#"))
+    broker = start_broker(o, mosq)
+    d = connect(user=dev)
+    d.execute("CREATE TABLE dev_secret (s text)")
+    d.execute("INSERT INTO dev_secret VALUES ('only dev may read this')")
+    d.execute("CREATE TABLE dev_log (body text)")
+    d.execute(f"""CREATE FUNCTION dev_h(m {MSG}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN
+            IF pg_catalog.convert_from(m.payload, 'UTF8') = 'lock' THEN
+                PERFORM pg_catalog.pg_advisory_lock(4242);
+                RAISE EXCEPTION 'refused after taking a lock';
+            END IF;
+            IF pg_catalog.convert_from(m.payload, 'UTF8') = 'boom' THEN RAISE EXCEPTION 'boom'; END IF;
+            INSERT INTO dev_log VALUES (pg_catalog.convert_from(m.payload, 'UTF8'));
+        END $f$""")
+    d.execute("SELECT mqtt_subscribe(%s, 1, handler => 'dev_h(mqtt_message_history)')", (f"{topic}/dev/#",))
+    wait_for(lambda: mosq.subscribed(client_id(o, broker), f"{topic}/dev/#"), message="subscribed")
+    o.execute("CREATE TABLE loot (s text, who text)")
+    o.execute("GRANT INSERT ON loot TO PUBLIC")
+    return o, d, dev
+
+
+def test_a_handler_replaced_by_the_schemas_owner_is_not_run(dev_routing, mosq, topic):
+    o, d, dev = dev_routing
+    mosquitto_pub(mosq.port, f"{topic}/dev/1", "first", qos=1)
+    wait_for(lambda: d.execute("SELECT count(*) FROM dev_log").fetchone()[0] == 1, message="routed")
+    # The owner of public drops dev's function and puts one of its own in its place.
+    o.execute(f"DROP FUNCTION dev_h({MSG})")
+    o.execute(f"""CREATE FUNCTION dev_h(m {MSG}) RETURNS void LANGUAGE sql AS
+                  $f$ INSERT INTO public.loot SELECT s, current_user FROM public.dev_secret $f$""")
+    mosquitto_pub(mosq.port, f"{topic}/dev/2", "second", qos=1)
+    wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 1, message="set aside")
+    error = o.execute("SELECT error FROM mqtt_dead_letter").fetchone()[0]
+    assert "configure the subscription again" in error, error
+    assert o.execute("SELECT count(*) FROM loot").fetchone()[0] == 0, "the owner's function never ran as dev"
+
+
+def test_requeue_in_the_owners_session_ignores_its_temporary_tables(dev_routing, mosq, topic):
+    """mqtt_requeue_dead_letter routes in the caller's session: the handler's unqualified names
+    must not find the caller's temporary tables (pg_temp comes last, not first)."""
+    o, d, dev = dev_routing
+    mosquitto_pub(mosq.port, f"{topic}/dev/1", "boom", qos=1)
+    wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 1, message="set aside")
+    d.execute(f"""CREATE OR REPLACE FUNCTION dev_h(m {MSG}) RETURNS void LANGUAGE plpgsql AS $f$
+        BEGIN INSERT INTO dev_log VALUES (pg_catalog.convert_from(m.payload, 'UTF8')); END $f$""")
+    o.execute("""CREATE FUNCTION pg_temp.grab() RETURNS trigger LANGUAGE plpgsql AS
+                 $f$ BEGIN INSERT INTO public.loot SELECT s, current_user FROM public.dev_secret; RETURN NULL; END $f$""")
+    o.execute("CREATE TEMP TABLE dev_log (body text)")
+    o.execute("GRANT ALL ON dev_log TO PUBLIC")
+    o.execute("CREATE TRIGGER grab AFTER INSERT ON pg_temp.dev_log FOR EACH ROW EXECUTE FUNCTION pg_temp.grab()")
+    dead = o.execute("SELECT id FROM mqtt_dead_letter").fetchone()[0]
+    o.execute("SELECT mqtt_requeue_dead_letter(%s)", (dead,))
+    assert d.execute("SELECT body FROM dev_log").fetchall() == [("boom",)], "into dev's own table"
+    assert o.execute("SELECT count(*) FROM pg_temp.dev_log").fetchone()[0] == 0
+    assert o.execute("SELECT count(*) FROM loot").fetchone()[0] == 0
+
+
+def test_a_handlers_advisory_lock_ends_with_its_routing(dev_routing, mosq, topic, pg):
+    o, d, dev = dev_routing
+    mosquitto_pub(mosq.port, f"{topic}/dev/1", "lock", qos=1)
+    wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_dead_letter").fetchone()[0] == 1, message="set aside")
+    mosquitto_pub(mosq.port, f"{topic}/dev/2", "after", qos=1)
+    wait_for(lambda: d.execute("SELECT count(*) FROM dev_log").fetchone()[0] == 1, message="the next one routed")
+    assert o.execute("SELECT pg_try_advisory_lock(4242)").fetchone()[0], \
+        "the worker must not keep a lock its handler took"
+    o.execute("SELECT pg_advisory_unlock(4242)")

@@ -908,18 +908,26 @@ def test_subscribing_needs_insert_update_and_execute(owned, topic):
     o, d, dev = owned.o, owned.d, owned.dev
     o.execute("CREATE TABLE public.own_t (id int PRIMARY KEY, v int)")
     o.execute(f'GRANT SELECT ON public.own_t TO "{dev}"')
-    o.execute(f"CREATE FUNCTION public.own_fn(m {MSG_TYPE}) RETURNS void LANGUAGE sql AS 'SELECT'")
-    o.execute(f"REVOKE EXECUTE ON FUNCTION public.own_fn({MSG_TYPE}) FROM PUBLIC")
+    # dev's own function with EXECUTE taken away from everyone, dev included
+    d.execute(f"CREATE FUNCTION public.own_fn(m {MSG_TYPE}) RETURNS void LANGUAGE sql AS 'SELECT'")
+    d.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION public.own_fn({}) FROM PUBLIC, {}").format(
+        sql.SQL(MSG_TYPE), sql.Identifier(dev)))
+    # the owner's function, which dev may execute but which is not dev's: refused, since its
+    # owner could replace it with other code that would run as dev
+    o.execute(f"CREATE FUNCTION public.owners_fn(m {MSG_TYPE}) RETURNS void LANGUAGE sql AS 'SELECT'")
     count = "SELECT count(*) FROM mqtt_topic"
     before = owned.su.execute(count).fetchone()[0]
-    for args, grant in ((dict(target="public.own_t"), "GRANT INSERT ON public.own_t TO {}"),
-                        (dict(target="public.own_t", conflict=["id"]), "GRANT UPDATE ON public.own_t TO {}"),
-                        (dict(handler=f"public.own_fn({MSG_TYPE})"),
-                         f"GRANT EXECUTE ON FUNCTION public.own_fn({MSG_TYPE}) TO {{}}")):
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for handler"):
+        subscribe(d, f"{topic}/p/1", handler=f"public.owners_fn({MSG_TYPE})")
+    assert owned.su.execute(count).fetchone()[0] == before
+    for args, grant, by in ((dict(target="public.own_t"), "GRANT INSERT ON public.own_t TO {}", o),
+                            (dict(target="public.own_t", conflict=["id"]), "GRANT UPDATE ON public.own_t TO {}", o),
+                            (dict(handler=f"public.own_fn({MSG_TYPE})"),
+                             f"GRANT EXECUTE ON FUNCTION public.own_fn({MSG_TYPE}) TO {{}}", d)):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             subscribe(d, f"{topic}/p/1", **args)
         assert owned.su.execute(count).fetchone()[0] == before, args
-        o.execute(sql.SQL(grant).format(sql.Identifier(dev)))
+        by.execute(sql.SQL(grant).format(sql.Identifier(dev)))
         # with the privilege (and the access rule it had all along) it works
         subscribe(d, f"{topic}/p/1", **args)
         assert owned.su.execute("SELECT owner_role FROM mqtt_topic WHERE name = %s",
@@ -1015,6 +1023,13 @@ def test_owner_moving_another_roles_subscription_to_another_broker_takes_it_over
     b2 = o.execute("INSERT INTO mqtt_broker (name, host, port, active) VALUES ('b2', %s, %s, true) RETURNING id",
                    (HOST, mosq.port)).fetchone()[0]
     wait_status(o, "b2", "connected")
+    # The owner would become owner_role, and dev_who is not the owner's: refused, nothing moves.
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for handler"):
+        o.execute("UPDATE mqtt_topic SET broker_id = %s WHERE id = %s", (b2, tid))
+    assert su.execute("SELECT broker_id, owner_role FROM mqtt_topic WHERE id = %s", (tid,)).fetchone() == \
+        (owned.broker_id, dev)
+    # Once the owner acts as dev (a member of it), the function is one it may route to.
+    su.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(dev), sql.Identifier(owner)))
     o.execute("UPDATE mqtt_topic SET broker_id = %s WHERE id = %s", (b2, tid))
     assert su.execute("SELECT broker_id, owner_role FROM mqtt_topic WHERE id = %s", (tid,)).fetchone() == (b2, owner)
     mosq.wait_subscribed(o.execute("SELECT mqtt_status('b2')->>'client_id'").fetchone()[0], filt)
@@ -1041,7 +1056,7 @@ def test_routing_runs_as_owner_role_with_its_search_path(owned, mosq, topic):
     mosquitto_pub(mosq.port, f"{topic}/as/1", '{"v": 3}', qos=1)
     rows = wait_rows(owned.su, "SELECT src, who, path, hid FROM public.dev_rec ORDER BY src", n=2)
     hid = owned.su.execute("SELECT id FROM mqtt_message_history WHERE topic = %s", (f"{topic}/as/1",)).fetchone()[0]
-    assert rows == [("handler", dev, '"$user", public', hid), ("trigger", dev, None, None)]
+    assert rows == [("handler", dev, '"$user", public, pg_temp', hid), ("trigger", dev, None, None)]
     assert owned.su.execute("SELECT v FROM public.dev_target").fetchall() == [(3,)]
 
 
