@@ -2,6 +2,18 @@
 -- and referenced schema-qualified, so a caller's search_path never changes what runs.
 -- Table and column names follow Odoo's model conventions (mqtt.broker -> mqtt_broker).
 
+-- MQTT topics and text payloads are UTF-8 on the wire; a database in another encoding would
+-- turn them into something else silently. Odoo's databases are UTF-8.
+DO $encoding$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'mqtt_pg needs a UTF8 database; this one is %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = '0A000',
+                  HINT = 'Create the database with ENCODING ''UTF8'' (CREATE DATABASE ... ENCODING ''UTF8'' TEMPLATE template0).';
+    END IF;
+END
+$encoding$;
+
 -- API: Public
 CREATE TABLE @extschema@.mqtt_broker (
     id               serial PRIMARY KEY,

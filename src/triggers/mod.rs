@@ -60,6 +60,13 @@ struct Setup {
     /// How each column a placeholder names becomes text.
     output: Vec<Option<ToText>>,
     jsonb_out: *mut pg_sys::FmgrInfo,
+    /// mqtt_outbox_id_seq, for taking each message's outbox id when it is queued.
+    outbox_seq: pg_sys::Oid,
+}
+
+// commands/sequence.h, which pgrx does not bind.
+unsafe extern "C-unwind" {
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
 fn bad(message: String, hint: Option<&str>) -> ! {
@@ -221,8 +228,22 @@ impl Setup {
         let retain = args.get(2).is_some_and(|s| parse_retain(s));
         let broker_name = args.get(3).filter(|s| !s.is_empty()).cloned();
         let schema = catalog::schema();
-        let broker_id = security::as_extension_owner(|| {
-            Spi::connect(|client| broker::resolve(client, &schema, broker_name.as_deref()).id)
+        let (broker_id, outbox_seq) = security::as_extension_owner(|| {
+            Spi::connect(|client| {
+                let id = broker::resolve(client, &schema, broker_name.as_deref()).id;
+                let seq = client
+                    .select(
+                        &format!(
+                            "SELECT '{schema}.mqtt_outbox_id_seq'::pg_catalog.regclass::pg_catalog.oid"
+                        ),
+                        Some(1),
+                        &[],
+                    )
+                    .ok()
+                    .and_then(|t| t.first().get_one::<pg_sys::Oid>().ok().flatten())
+                    .unwrap_or(pg_sys::InvalidOid);
+                (id, seq)
+            })
         });
         let listed: Vec<usize> = args
             .iter()
@@ -315,6 +336,7 @@ impl Setup {
             output,
             // SAFETY: as above.
             jsonb_out: unsafe { fmgr(mcxt, pg_sys::Oid::from(pg_sys::F_JSONB_OUT), None) },
+            outbox_seq,
         }
     }
 }
@@ -491,6 +513,9 @@ fn publish_row(setup: &Setup, op: &str, new: Option<&Row>, old: Option<&Row>) {
     pending::push(pending::Pending {
         // SAFETY: a plain read of the transaction state.
         subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
+        // SAFETY: nextval of the extension's own sequence, found when the statement began;
+        // no permission check, as the row is written as the extension's owner.
+        id: unsafe { nextval_internal(setup.outbox_seq, false) },
         broker_id: setup.broker_id,
         topic,
         payload,

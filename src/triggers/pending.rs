@@ -23,6 +23,10 @@ use crate::{catalog, security};
 /// One message queued by a row trigger.
 pub struct Pending {
     pub subxact: pg_sys::SubTransactionId,
+    /// The outbox id, taken when the message is queued: the outbox is sent in id order, so
+    /// the messages keep the order of the changes and `mqtt_publish` calls, whenever the rows
+    /// are written (a row queued in an enclosing subtransaction waits for it).
+    pub id: i64,
     pub broker_id: i32,
     pub topic: String,
     pub payload: String,
@@ -118,6 +122,7 @@ fn write(full: bool) {
     FLUSHING.set(true);
     let _reset = scopeguard(|| FLUSHING.set(false));
     let schema = catalog::schema();
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let broker: Vec<i32> = rows.iter().map(|r| r.broker_id).collect();
     let topic: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
     let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_bytes()).collect();
@@ -137,8 +142,9 @@ fn write(full: bool) {
         Spi::connect_mut(|client| {
             if let Err(e) = client.update(
                 &format!(
-                    "INSERT INTO {schema}.mqtt_outbox (broker_id, topic, payload, qos, retain) \
-                     SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int4[]), \
+                    "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain) \
+                     SELECT * FROM ROWS FROM (pg_catalog.unnest($6::pg_catalog.int8[]), \
+                       pg_catalog.unnest($1::pg_catalog.int4[]), \
                        pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.bytea[]), \
                        pg_catalog.unnest($4::pg_catalog.int2[]), pg_catalog.unnest($5::pg_catalog.bool[]))"
                 ),
@@ -149,6 +155,7 @@ fn write(full: bool) {
                     payload.into(),
                     qos.into(),
                     retain.into(),
+                    ids.into(),
                 ],
             ) {
                 error!("mqtt_pg could not queue the messages of mqtt_publish_trigger: {e}");

@@ -364,3 +364,39 @@ def test_a_handlers_advisory_lock_ends_with_its_routing(dev_routing, mosq, topic
     assert o.execute("SELECT pg_try_advisory_lock(4242)").fetchone()[0], \
         "the worker must not keep a lock its handler took"
     o.execute("SELECT pg_advisory_unlock(4242)")
+
+
+def test_the_extension_needs_a_utf8_database(pg):
+    """Topics and text payloads are UTF-8: in a LATIN1 database a row change would have its
+    text silently mangled, so CREATE EXTENSION refuses it (0A000) and leaves nothing behind."""
+    db = unique("latin1")
+    with pg.connect() as admin:
+        admin.execute(f"CREATE DATABASE {db} ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        with pg.connect(db) as c:
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="needs a UTF8 database"):
+                c.execute("CREATE EXTENSION mqtt_pg")
+            assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == 0
+            assert c.execute("SELECT to_regclass('mqtt_broker')").fetchone()[0] is None
+    finally:
+        with pg.connect() as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_row_changes_keep_their_order_beside_publishes_in_exception_blocks(conn, broker, mosq, topic):
+    """A common "do not fail my DML" pattern: an AFTER trigger calling mqtt_publish inside an
+    exception block. The row-change message of each row still goes out before that row's audit
+    message (outbox ids are taken when a message is queued, not when its row is written)."""
+    conn.execute("CREATE TABLE ordered (id int PRIMARY KEY)")
+    conn.execute("SELECT mqtt_watch_table('ordered', %s, 1, false, %s)", (f"{topic}/row/{{id}}", broker.name))
+    conn.execute(f"""CREATE FUNCTION ordered_audit() RETURNS trigger LANGUAGE plpgsql AS $f$
+        BEGIN
+            BEGIN PERFORM mqtt_publish('{topic}/audit/' || NEW.id, 'audit', 1, false, '{broker.name}');
+            EXCEPTION WHEN others THEN RAISE WARNING '%', SQLERRM; END;
+            RETURN NULL;
+        END $f$""")
+    conn.execute("CREATE TRIGGER z_audit AFTER INSERT ON ordered FOR EACH ROW EXECUTE FUNCTION ordered_audit()")
+    with mqtt_sub(mosq.port, f"{topic}/#") as sub:
+        conn.execute("INSERT INTO ordered SELECT generate_series(1, 3)")
+        got = [m[0][len(topic) + 1:] for m in sub.wait_count(6)]
+    assert got == ["row/1", "audit/1", "row/2", "audit/2", "row/3", "audit/3"], got
