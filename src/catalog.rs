@@ -61,6 +61,21 @@ fn cached() -> Option<(pg_sys::Oid, String, pg_sys::Oid)> {
     Some(hit)
 }
 
+/// Is `rel` one of mqtt_pg's own tables (or sequences)? Unknown counts as yes: callers refuse.
+pub fn is_extension_relation(rel: pg_sys::Oid) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend d \
+           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+             AND d.objid OPERATOR(pg_catalog.=) $1 AND d.deptype OPERATOR(pg_catalog.=) 'e' \
+             AND d.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
+                                                   WHERE e.extname OPERATOR(pg_catalog.=) 'mqtt_pg'))",
+        &[rel.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(true)
+}
+
 /// The schema, or an error saying the extension is not installed in this database.
 pub fn schema() -> String {
     extension_schema().unwrap_or_else(|| {

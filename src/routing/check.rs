@@ -173,17 +173,7 @@ fn check_target(t: pg_sys::Oid, upsert: bool) {
             Some("Create the table first, then subscribe with target_table => 'its_name'."),
         )
     };
-    let ours = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend d \
-           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
-             AND d.objid OPERATOR(pg_catalog.=) $1 AND d.deptype OPERATOR(pg_catalog.=) 'e' \
-             AND d.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
-                                                   WHERE e.extname OPERATOR(pg_catalog.=) 'mqtt_pg'))",
-        &[t.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(true);
+    let ours = catalog::is_extension_relation(t);
     if ours {
         // Devices would write brokers, access rules or the outbox by publishing.
         errors::raise(

@@ -44,17 +44,7 @@ fn _mqtt_check_watch(
             Some("For a view, watch the table it reads from."),
         );
     }
-    let ours = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_depend d \
-           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
-             AND d.objid OPERATOR(pg_catalog.=) $1 AND d.deptype OPERATOR(pg_catalog.=) 'e' \
-             AND d.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
-                                                   WHERE e.extname OPERATOR(pg_catalog.=) 'mqtt_pg'))",
-        &[tbl.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(true);
+    let ours = crate::catalog::is_extension_relation(tbl);
     if ours {
         // A watched outbox or history would publish its own messages again, for ever.
         bad(

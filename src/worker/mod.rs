@@ -728,13 +728,30 @@ impl Worker {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             for (id, rt) in brokers.iter_mut().filter(|(_, rt)| rt.connected) {
                 let taken = rt.in_flight.len() + rt.retired.len();
-                let room = max_in_flight.saturating_sub(taken).min(batch);
+                let mut room = max_in_flight.saturating_sub(taken).min(batch);
+                // While a row is suspected of making the broker close the connection (see
+                // STRIKES_TO_DEAD_LETTER), the oldest row goes alone until it is acknowledged:
+                // with others written behind it, a broker that resets the connection can take
+                // the acknowledgement of an innocent row ahead of the culprit with it, and the
+                // blame would fall on that row.
+                let probation = !rt.strikes.is_empty();
+                if probation {
+                    room = if taken == 0 { 1 } else { 0 };
+                }
                 let byte_room = outbox::MAX_IN_FLIGHT_BYTES.saturating_sub(rt.in_flight_bytes());
                 if room == 0 || byte_room == 0 {
                     continue;
                 }
                 let msgs =
                     outbox::fetch(&schema, *id, taken, |row| rt.is_taken(row), room, byte_room);
+                if probation
+                    && msgs
+                        .first()
+                        .is_none_or(|m| !rt.strikes.contains_key(&m.outbox_id))
+                {
+                    // The suspects are gone (delivered, dead-lettered or deleted): no probation.
+                    rt.strikes.clear();
+                }
                 if msgs.is_empty() {
                     continue;
                 }
