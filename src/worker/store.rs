@@ -108,7 +108,8 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes, held: &Held) -> Outco
         let mut routed: Vec<(&InMessage, Vec<&Route>)> = Vec::with_capacity(received.len());
         let mut alone: Vec<(&InMessage, Vec<&Route>)> = Vec::new();
         for m in received {
-            if !outcome.held_met && held.message == Some(hung::message_hash(m)) {
+            // Hashed only while a predecessor's culprit is awaited: not on every ingest.
+            if !outcome.held_met && held.message.is_some_and(|h| h == hung::message_hash(m)) {
                 outcome.held_met = true;
                 refused.push((m, hung::HELD_THE_WORKER.to_string()));
                 continue;

@@ -354,3 +354,22 @@ def test_readme_route_incoming_messages(owner_conn, mosq):
     assert rows("SELECT line, sensor, value FROM readings WHERE sensor = 'f1'") == [("furnace", "f1", 480)]
     assert rows("SELECT count(*) FROM mqtt_message_history WHERE topic = 'plant/furnace/temperature'") == [(1,)]
     assert rows("SELECT count(*) FROM mqtt_dead_letter") == [(0,)]
+
+
+def test_readme_reference_examples_run_as_the_owner(owner_conn, mosq):
+    """The function reference's routed subscription and watched table, run as the database's
+    owner (routing never runs as a superuser), do what their comments say."""
+    c = owner_conn
+    blocks = tagged(README, "sql", "ref-")
+    assert list(blocks) == ["ref-route", "ref-watch"]
+    [[(topic_id,)], unsubscribed] = psql(c, blocks["ref-route"])
+    assert unsubscribed == [(True,)]
+    assert c.execute("SELECT name, target_table::text, notify_channel, owner_role = current_user "
+                     "FROM mqtt_topic WHERE id = %s", (topic_id,)).fetchone() == \
+        ("plant/{line}/temperature", "line_readings", "line_readings", True)
+    assert psql(c, blocks["ref-watch"]) == [[("mqtt_watch",)], [(True,)]]
+    with mqtt_sub(mosq.port, "erp/#") as sub:
+        c.execute("INSERT INTO sale_order (state, amount_total) VALUES ('draft', 10)")
+        c.execute("UPDATE sale_order SET state = 'sale'")
+        [(t, payload, qos, _)] = sub.wait_count(1)
+    assert (t, qos, json.loads(payload)["new"]["state"]) == ("erp/paid/1", 1, "sale")
