@@ -153,9 +153,13 @@ COMMENT ON COLUMN @extschema@.mqtt_message_history.message_id IS 'MQTT packet id
 COMMENT ON COLUMN @extschema@.mqtt_message_history."timestamp" IS 'When the worker read the message (receive) or recorded its delivery (send).';
 
 -- API: Public (read it; the worker and mqtt_publish write it)
+-- No foreign key to mqtt_broker: its check was a query per queued message, a quarter of a bulk
+-- publish. A publisher locks the broker's row once per statement instead (FOR KEY SHARE, as the
+-- check did), deleting a broker deletes its queued messages (_mqtt_broker_deleted), and the
+-- worker sets aside rows written directly with an id no broker has.
 CREATE TABLE @extschema@.mqtt_outbox (
     id         bigserial PRIMARY KEY,
-    broker_id  integer NOT NULL REFERENCES @extschema@.mqtt_broker (id) ON DELETE CASCADE,
+    broker_id  integer NOT NULL,
     topic      text NOT NULL,
     payload    bytea NOT NULL,
     qos        smallint NOT NULL CHECK (qos BETWEEN 0 AND 2),
@@ -190,6 +194,32 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- API: Private. What the outbox's foreign key did (see mqtt_outbox): a deleted broker's queued
+-- messages go with it, and its id cannot change while it has any. SECURITY DEFINER (see
+-- finalize.sql): the roles that may delete brokers need no privilege on the outbox for this.
+CREATE FUNCTION @extschema@._mqtt_broker_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' THEN
+        TRUNCATE @extschema@.mqtt_outbox;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        DELETE FROM @extschema@.mqtt_outbox o USING mqtt_deleted_brokers d
+        WHERE o.broker_id OPERATOR(pg_catalog.=) d.id;
+    ELSIF EXISTS (SELECT FROM @extschema@.mqtt_outbox o WHERE o.broker_id OPERATOR(pg_catalog.=) OLD.id) THEN
+        RAISE EXCEPTION 'the id of MQTT broker "%" cannot change while it has messages in mqtt_outbox', OLD.name
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER mqtt_broker_deleted AFTER DELETE ON @extschema@.mqtt_broker
+REFERENCING OLD TABLE AS mqtt_deleted_brokers
+FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._mqtt_broker_deleted();
+CREATE TRIGGER mqtt_broker_truncated AFTER TRUNCATE ON @extschema@.mqtt_broker
+FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._mqtt_broker_deleted();
+CREATE TRIGGER mqtt_broker_id_changed AFTER UPDATE OF id ON @extschema@.mqtt_broker
+FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id) EXECUTE FUNCTION @extschema@._mqtt_broker_deleted();
 
 -- Configuration, queued messages and history are the user's data: pg_dump must include them
 -- (it leaves out the contents of extension tables unless told otherwise), so an Odoo backup

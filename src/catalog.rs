@@ -1,63 +1,154 @@
 //! Catalog look-ups the extension needs: its own schema, and the list of databases.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
 use crate::errors;
 
+/// What the extension's catalog rows say, kept per backend.
+#[derive(Clone)]
+pub struct Installed {
+    pub oid: pg_sys::Oid,
+    /// Quoted, for building schema-qualified SQL.
+    pub schema: String,
+    /// The role that owns the extension (and so its tables).
+    pub owner: pg_sys::Oid,
+    /// mqtt_outbox_id_seq: messages take their outbox id when queued (see triggers::pending).
+    pub outbox_seq: pg_sys::Oid,
+}
+
+/// One statement of one (sub)transaction, as far as this backend's own changes go: a look-up
+/// made under the same stamp may be used again. That is what lets `mqtt_publish` run 100,000
+/// times in one statement without 100,000 look-ups. The stamp moves on with every client
+/// statement, every subtransaction (a lock taken in a rolled-back one is gone), every utility
+/// statement (DDL such as DROP EXTENSION, also inside a function; see `ddl`) and every write to
+/// mqtt_broker or mqtt_topic (their statement triggers call [`forget`]). A concurrent commit
+/// seen one statement late is as good as not yet seen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    xact: u64,
+    subxact: pg_sys::SubTransactionId,
+    statement: pg_sys::TimestampTz,
+    generation: u64,
+}
+
 thread_local! {
-    /// (extension oid, quoted schema, owner). Keyed by oid so a DROP/CREATE EXTENSION is noticed.
-    static SCHEMA: RefCell<Option<(pg_sys::Oid, String, pg_sys::Oid)>> = const { RefCell::new(None) };
+    /// Keyed by oid so a DROP/CREATE EXTENSION is noticed.
+    static SCHEMA: RefCell<Option<Installed>> = const { RefCell::new(None) };
+    /// The stamp under which SCHEMA was last confirmed.
+    static CONFIRMED: Cell<Option<Stamp>> = const { Cell::new(None) };
+    /// Counts transaction ends, so stamps of two transactions never compare equal.
+    static XACTS: Cell<u64> = const { Cell::new(0) };
+    /// Bumped by [`forget`].
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Forget every look-up made under the current stamp: the catalog or mqtt_broker may have
+/// changed in this transaction.
+pub fn forget() {
+    GENERATION.set(GENERATION.get().wrapping_add(1));
+}
+
+/// Register the transaction-end counter. Called once, from `_PG_init`.
+pub fn init() {
+    // SAFETY: _PG_init runs once per process; the callback only bumps a counter.
+    unsafe { pg_sys::RegisterXactCallback(Some(xact_end), std::ptr::null_mut()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PREPARE
+    ) {
+        XACTS.set(XACTS.get().wrapping_add(1));
+    }
+}
+
+/// The current statement's stamp (see [`Stamp`]).
+pub fn stamp() -> Stamp {
+    // SAFETY: plain reads of the transaction state.
+    unsafe {
+        Stamp {
+            xact: XACTS.get(),
+            subxact: pg_sys::GetCurrentSubTransactionId(),
+            statement: pg_sys::GetCurrentStatementStartTimestamp(),
+            generation: GENERATION.get(),
+        }
+    }
 }
 
 /// The quoted schema mqtt_pg is installed in, for building schema-qualified SQL: a caller's
 /// search_path must never change what the extension runs. None if it is not installed here.
 pub fn extension_schema() -> Option<String> {
-    extension().map(|(_, schema)| schema)
+    installed().map(|i| i.schema)
 }
 
 /// The extension's oid and quoted schema, if it is installed in this database.
 pub fn extension() -> Option<(pg_sys::Oid, String)> {
-    cached().map(|(oid, schema, _)| (oid, schema))
+    installed().map(|i| (i.oid, i.schema))
 }
 
 /// The role that owns the extension (and so its tables): the superuser who created it.
 pub fn extension_owner() -> pg_sys::Oid {
-    cached().map_or_else(
-        || {
-            errors::raise(
-                errors::NOT_IN_PREREQUISITE_STATE,
-                "extension \"mqtt_pg\" is not installed in this database",
-                Some("Run CREATE EXTENSION mqtt_pg;"),
-            )
-        },
-        |(_, _, owner)| owner,
-    )
+    installed_or_raise().owner
 }
 
-fn cached() -> Option<(pg_sys::Oid, String, pg_sys::Oid)> {
+/// The extension's catalog facts, or an error saying it is not installed in this database.
+pub fn installed_or_raise() -> Installed {
+    installed().unwrap_or_else(|| {
+        errors::raise(
+            errors::NOT_IN_PREREQUISITE_STATE,
+            "extension \"mqtt_pg\" is not installed in this database",
+            Some("Run CREATE EXTENSION mqtt_pg;"),
+        )
+    })
+}
+
+/// The extension's catalog facts, if it is installed here; looked up once per statement.
+pub fn installed() -> Option<Installed> {
+    let now = stamp();
+    if CONFIRMED.get() == Some(now) {
+        if let Some(hit) = SCHEMA.with(|c| c.borrow().clone()) {
+            return Some(hit);
+        }
+    }
     // SAFETY: get_extension_oid only reads the catalog; missing_ok = true never raises.
     let oid = unsafe { pg_sys::get_extension_oid(c"mqtt_pg".as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
+        CONFIRMED.set(None);
         return None;
     }
-    if let Some(hit) = SCHEMA.with(|c| c.borrow().as_ref().filter(|(o, _, _)| *o == oid).cloned()) {
+    if let Some(hit) = SCHEMA.with(|c| c.borrow().as_ref().filter(|i| i.oid == oid).cloned()) {
+        CONFIRMED.set(Some(now));
         return Some(hit);
     }
-    let row = Spi::get_two_with_args::<String, pg_sys::Oid>(
-        "SELECT n.nspname::text, e.extowner FROM pg_catalog.pg_extension e \
+    let row = Spi::get_three_with_args::<String, pg_sys::Oid, pg_sys::Oid>(
+        "SELECT n.nspname::text, e.extowner, \
+           pg_catalog.to_regclass(pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.mqtt_outbox_id_seq')::pg_catalog.oid \
+         FROM pg_catalog.pg_extension e \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
          WHERE e.oid OPERATOR(pg_catalog.=) $1",
         &[oid.into()],
     )
     .ok()?;
-    let (Some(name), Some(owner)) = row else {
+    let (Some(name), Some(owner)) = (row.0, row.1) else {
         return None;
     };
-    let hit = (oid, quote_identifier(name), owner);
+    let hit = Installed {
+        oid,
+        schema: quote_identifier(name),
+        owner,
+        outbox_seq: row.2.unwrap_or(pg_sys::InvalidOid),
+    };
     SCHEMA.with(|c| *c.borrow_mut() = Some(hit.clone()));
+    CONFIRMED.set(Some(now));
     Some(hit)
 }
 

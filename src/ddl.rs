@@ -250,6 +250,8 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
+    // DDL may have changed what the extension looked up for this statement.
+    crate::catalog::forget();
     // COPY into a watched table fires its row triggers without an ExecutorFinish: queue their
     // messages now, as at the end of any other statement.
     crate::triggers::pending::flush();

@@ -9,6 +9,7 @@ mod ddl;
 mod errors;
 mod gucs;
 mod launcher;
+mod plans;
 mod routing;
 mod security;
 mod shmem;
@@ -45,5 +46,6 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init();
     launcher::register();
     ddl::init();
+    catalog::init();
     triggers::pending::init();
 }

@@ -110,6 +110,8 @@ pub struct DbSlot {
     pub latch: usize,
     /// WAKE_* bits left by backends since the worker last looked.
     pub wake_flags: u32,
+    /// With WAKE_OUTBOX: the lowest outbox id committed since (0: unknown; i64::MAX: none).
+    pub outbox_low: i64,
     /// Earliest time (µs since epoch) the launcher may start a worker again after a failure.
     pub not_before_us: i64,
     /// Left by a worker that routing held past its hard limit (see `worker::hung`), for the
@@ -121,12 +123,21 @@ pub struct DbSlot {
 }
 
 impl DbSlot {
+    /// Leave wake reasons (and, with WAKE_OUTBOX, the lowest outbox id committed).
+    pub fn wake(&mut self, flags: u32, low: i64) {
+        self.wake_flags |= flags;
+        if flags & WAKE_OUTBOX != 0 {
+            self.outbox_low = self.outbox_low.min(low);
+        }
+    }
+
     const EMPTY: DbSlot = DbSlot {
         dboid: 0,
         state: DbState::Free,
         pid: 0,
         latch: 0,
         wake_flags: 0,
+        outbox_low: i64::MAX,
         not_before_us: 0,
         hung_message: 0,
         hung_batch: 0,

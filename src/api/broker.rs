@@ -1,9 +1,56 @@
 //! Resolving the `broker` argument every function takes.
 
-use pgrx::spi::{Spi, SpiClient};
+use std::cell::RefCell;
+use std::collections::HashMap;
 
-use crate::catalog;
+use pgrx::spi::{Spi, SpiClient, SpiTupleTable};
+use pgrx::{pg_sys, PgBuiltInOids, PgOid};
+
+use crate::catalog::{self, Stamp};
 use crate::errors::{self, UNDEFINED_OBJECT};
+use crate::{plans, security};
+
+/// Broker ids by the `broker` argument (None: the default).
+type BrokerIds = HashMap<Option<String>, i32>;
+
+thread_local! {
+    /// Brokers resolved for publishing in the current statement (see `catalog::Stamp`).
+    static FOR_PUBLISH: RefCell<Option<(Stamp, BrokerIds)>> =
+        const { RefCell::new(None) };
+}
+
+/// The id of the broker a message is queued for, resolved once per statement, with its row
+/// locked FOR KEY SHARE until the transaction ends: what the outbox's foreign key did for every
+/// row, done once. A concurrent DELETE of the broker waits for this transaction, and then its
+/// trigger removes the broker's outbox rows, these included (`_mqtt_broker_deleted`); a broker
+/// deleted first is not found here.
+pub fn id_for_publish(name: Option<&str>) -> i32 {
+    let now = catalog::stamp();
+    let key = name.map(str::to_owned);
+    let hit = FOR_PUBLISH.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(stamp, _)| *stamp == now)
+            .and_then(|(_, ids)| ids.get(&key).copied())
+    });
+    if let Some(id) = hit {
+        return id;
+    }
+    let installed = catalog::installed_or_raise();
+    let id = security::as_extension_owner(|| {
+        Spi::connect_mut(|client| locked_id(client, &installed, name))
+    });
+    FOR_PUBLISH.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(stamp, _)| *stamp != now) {
+            *c = Some((now, HashMap::new()));
+        }
+        if let Some((_, ids)) = c.as_mut() {
+            ids.insert(key, id);
+        }
+    });
+    id
+}
 
 /// Run `f` with an SPI connection, the extension's quoted schema and the resolved broker: the
 /// shape of every function that acts on one broker.
@@ -40,11 +87,7 @@ pub fn resolve(client: &SpiClient<'_>, schema: &str, name: Option<&str>) -> Brok
                 .and_then(|t| t.first().get_two::<i32, String>().ok());
             match row {
                 Some((Some(id), Some(name))) => Broker { id, name },
-                _ => errors::raise(
-                    UNDEFINED_OBJECT,
-                    format!("MQTT broker \"{name}\" does not exist"),
-                    Some("SELECT name FROM mqtt_broker; lists the configured brokers."),
-                ),
+                _ => not_found(name),
             }
         }
         None => {
@@ -58,31 +101,103 @@ pub fn resolve(client: &SpiClient<'_>, schema: &str, name: Option<&str>) -> Brok
                     &[],
                 )
                 .unwrap_or_else(|e| errors::raise(UNDEFINED_OBJECT, e.to_string(), None));
-            let mut found = Vec::new();
-            for row in rows {
-                let id: Option<i32> = row.get(1).ok().flatten();
-                let name: Option<String> = row.get(2).ok().flatten();
-                let is_default: bool = row.get(3).ok().flatten().unwrap_or(false);
-                if let (Some(id), Some(name)) = (id, name) {
-                    found.push((id, name, is_default));
-                }
-            }
-            match found.as_slice() {
-                [(id, name, true), ..] | [(id, name, false)] => Broker {
-                    id: *id,
-                    name: name.clone(),
+            pick_default(rows)
+        }
+    }
+}
+
+fn not_found(name: &str) -> ! {
+    errors::raise(
+        UNDEFINED_OBJECT,
+        format!("MQTT broker \"{name}\" does not exist"),
+        Some("SELECT name FROM mqtt_broker; lists the configured brokers."),
+    )
+}
+
+/// The default broker among (id, name, is_default) rows ordered by is_default DESC, id.
+fn pick_default(rows: SpiTupleTable<'_>) -> Broker {
+    let mut found = Vec::new();
+    for row in rows {
+        let id: Option<i32> = row.get(1).ok().flatten();
+        let name: Option<String> = row.get(2).ok().flatten();
+        let is_default: bool = row.get(3).ok().flatten().unwrap_or(false);
+        if let (Some(id), Some(name)) = (id, name) {
+            found.push((id, name, is_default));
+        }
+    }
+    match found.as_slice() {
+        [(id, name, true), ..] | [(id, name, false)] => Broker {
+            id: *id,
+            name: name.clone(),
+        },
+        [] => errors::raise(
+            UNDEFINED_OBJECT,
+            "no MQTT broker is configured",
+            Some("Add one: INSERT INTO mqtt_broker (name, host, port) VALUES ('local', '127.0.0.1', 1883);"),
+        ),
+        _ => errors::raise(
+            UNDEFINED_OBJECT,
+            "no default MQTT broker: several brokers exist and none has is_default",
+            Some("Pass the broker name, or mark one: UPDATE mqtt_broker SET is_default = true WHERE name = '...';"),
+        ),
+    }
+}
+
+/// [`resolve`] for publishing: the broker's row locked FOR KEY SHARE, through kept plans (this
+/// runs once per statement of every publishing transaction).
+fn locked_id(
+    client: &mut SpiClient<'_>,
+    installed: &catalog::Installed,
+    name: Option<&str>,
+) -> i32 {
+    // A row lock needs the transaction's id, and pgrx runs statements read-only (where
+    // FOR KEY SHARE is refused) until the transaction has one.
+    // SAFETY: assigns the id if there is none yet, as any write would.
+    unsafe { pg_sys::GetCurrentTransactionId() };
+    let schema = &installed.schema;
+    match name {
+        Some(name) => {
+            let sql = || {
+                format!(
+                    "SELECT id FROM {schema}.mqtt_broker WHERE name OPERATOR(pg_catalog.=) $1 FOR KEY SHARE"
+                )
+            };
+            let types = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
+            let id = plans::with_plan(
+                client,
+                installed.oid,
+                "broker_by_name",
+                &types,
+                sql,
+                |client, stmt| {
+                    client
+                        .update(stmt, Some(1), &[name.into()])
+                        .ok()
+                        .and_then(|t| t.first().get_one::<i32>().ok().flatten())
                 },
-                [] => errors::raise(
-                    UNDEFINED_OBJECT,
-                    "no MQTT broker is configured",
-                    Some("Add one: INSERT INTO mqtt_broker (name, host, port) VALUES ('local', '127.0.0.1', 1883);"),
-                ),
-                _ => errors::raise(
-                    UNDEFINED_OBJECT,
-                    "no default MQTT broker: several brokers exist and none has is_default",
-                    Some("Pass the broker name, or mark one: UPDATE mqtt_broker SET is_default = true WHERE name = '...';"),
-                ),
-            }
+            );
+            id.unwrap_or_else(|| not_found(name))
+        }
+        None => {
+            let sql = || {
+                format!(
+                    "SELECT id, name, is_default FROM {schema}.mqtt_broker \
+                     ORDER BY is_default DESC, id LIMIT 2 FOR KEY SHARE"
+                )
+            };
+            plans::with_plan(
+                client,
+                installed.oid,
+                "broker_default",
+                &[],
+                sql,
+                |client, stmt| {
+                    let rows = client
+                        .update(stmt, None, &[])
+                        .unwrap_or_else(|e| errors::raise(UNDEFINED_OBJECT, e.to_string(), None));
+                    pick_default(rows).id
+                },
+            )
         }
     }
 }

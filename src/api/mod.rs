@@ -21,6 +21,8 @@ fn mqtt_payload_text(payload: &[u8]) -> Option<&str> {
 /// Internal: wake this database's worker at commit (called by the configuration triggers).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _mqtt_pg_wake(reason: i32) {
+    // Brokers or topics were written in this transaction: look them up again.
+    crate::catalog::forget();
     let flags = (reason as u32) & (crate::shmem::WAKE_OUTBOX | crate::shmem::WAKE_CONFIG);
     crate::wake::wake_at_commit(if flags == 0 {
         crate::shmem::WAKE_CONFIG

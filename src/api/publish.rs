@@ -3,13 +3,16 @@
 //! The row is the durable copy: it becomes visible to the worker only if the transaction
 //! commits, and a commit callback wakes the worker at that moment, so there is neither a
 //! polling delay nor a message from a rolled-back transaction (or savepoint: its row is gone).
+//! The call itself only checks and queues (see `triggers::pending`): the rows of a statement
+//! are written together when it ends, before the next statement can look at the outbox.
 
 use pgrx::prelude::*;
 
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
 use crate::security::access::{self, Operation};
-use crate::{gucs, security, shmem, wake};
+use crate::triggers::pending;
+use crate::{catalog, gucs, wake};
 
 /// Queue a text payload (sent as its UTF-8 bytes).
 #[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
@@ -69,39 +72,27 @@ pub fn publish(
             Some("Send a smaller payload, or raise mqtt_pg.max_payload_size (a superuser setting) if the broker accepts larger messages."),
         );
     }
-    // The rule is the permission (see `security`): checked as the caller, then the row is
-    // written as the extension's owner, so the caller needs no privilege on mqtt_outbox.
+    // The rule is the permission (see `security`): checked as the caller; the row is written
+    // as the extension's owner, so the caller needs no privilege on mqtt_outbox.
     access::require(topic, Operation::Publish);
-    // Rows queued by row triggers in this statement go first, so the outbox keeps the order.
-    crate::triggers::pending::flush();
-    let id = security::as_extension_owner(|| {
-        broker::with_broker(broker, |client, schema, b| {
-            client
-                .update(
-                    &format!(
-                    "INSERT INTO {schema}.mqtt_outbox (broker_id, topic, payload, qos, retain) \
-                     VALUES ($1, $2, $3, $4, $5) RETURNING id"
-                ),
-                    None,
-                    &[
-                        b.id.into(),
-                        topic.into(),
-                        payload.into(),
-                        (qos as i16).into(),
-                        retain.into(),
-                    ],
-                )
-                .ok()
-                .and_then(|t| t.first().get_one::<i64>().ok().flatten())
-        })
+    let broker_id = broker::id_for_publish(broker);
+    let outbox_seq = catalog::installed_or_raise().outbox_seq;
+    // SAFETY: nextval of the extension's own sequence; no permission check, as the row is
+    // written as the extension's owner.
+    let id = unsafe { pending::nextval_internal(outbox_seq, false) };
+    // Queued, not inserted: the statement's messages reach mqtt_outbox in one INSERT when it
+    // ends (see `triggers::pending`), which is what makes a bulk publish cost about what an
+    // INSERT ... SELECT of the same rows costs.
+    pending::push(pending::Pending {
+        // SAFETY: a plain read of the transaction state.
+        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
+        id,
+        broker_id,
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+        qos: qos as i16,
+        retain,
     });
-    let id = id.unwrap_or_else(|| {
-        errors::raise(
-            errors::NOT_IN_PREREQUISITE_STATE,
-            "could not queue the message in mqtt_outbox",
-            None,
-        )
-    });
-    wake::wake_at_commit(shmem::WAKE_OUTBOX);
+    wake::queued_at_commit(id);
     id
 }

@@ -11,10 +11,10 @@ use std::collections::HashMap;
 
 use mqtt_pg_core::acl::{self, Rule};
 use pgrx::prelude::*;
-use pgrx::{register_xact_callback, PgXactCallbackEvent};
+use pgrx::{register_xact_callback, PgBuiltInOids, PgOid, PgXactCallbackEvent};
 
 use crate::errors::{self, INVALID_PARAMETER, UNDEFINED_OBJECT};
-use crate::{catalog, security};
+use crate::{catalog, plans, security};
 
 /// What a rule is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,39 +83,49 @@ fn with_rules<R>(role: pg_sys::Oid, f: impl FnOnce(&[Rule]) -> R) -> R {
     })
 }
 
-/// Read `role`'s rules from the table.
+/// Read `role`'s rules from the table (through a kept plan: this runs in every transaction
+/// that publishes).
 fn load_rules(role: pg_sys::Oid) -> Vec<Rule> {
-    let schema = catalog::schema();
+    let installed = catalog::installed_or_raise();
+    let schema = &installed.schema;
+    let sql = || {
+        format!(
+            "SELECT a.topic_filter, a.allow_publish, a.allow_subscribe \
+             FROM {schema}.mqtt_access_control a \
+             WHERE a.role_name OPERATOR(pg_catalog.=) 'public' OR EXISTS ( \
+               SELECT FROM pg_catalog.pg_roles r \
+               WHERE r.rolname OPERATOR(pg_catalog.=) a.role_name::pg_catalog.name \
+                 AND pg_catalog.pg_has_role($1, r.oid, 'USAGE'))"
+        )
+    };
+    let types = [PgOid::BuiltIn(PgBuiltInOids::OIDOID)];
     security::as_extension_owner(|| {
-        Spi::connect(|client| {
-            let rows = client.select(
-                &format!(
-                    "SELECT a.topic_filter, a.allow_publish, a.allow_subscribe \
-                     FROM {schema}.mqtt_access_control a \
-                     WHERE a.role_name OPERATOR(pg_catalog.=) 'public' OR EXISTS ( \
-                       SELECT FROM pg_catalog.pg_roles r \
-                       WHERE r.rolname OPERATOR(pg_catalog.=) a.role_name::pg_catalog.name \
-                         AND pg_catalog.pg_has_role($1, r.oid, 'USAGE'))"
-                ),
-                None,
-                &[role.into()],
-            );
-            let mut out = Vec::new();
-            if let Ok(rows) = rows {
-                for row in rows {
-                    let filter: Option<String> = row.get(1).ok().flatten();
-                    let publish: bool = row.get(2).ok().flatten().unwrap_or(false);
-                    let subscribe: bool = row.get(3).ok().flatten().unwrap_or(false);
-                    if let Some(filter) = filter {
-                        out.push(Rule {
-                            filter,
-                            publish,
-                            subscribe,
-                        });
+        Spi::connect_mut(|client| {
+            plans::with_plan(
+                client,
+                installed.oid,
+                "access_rules",
+                &types,
+                sql,
+                |client, stmt| {
+                    let mut out = Vec::new();
+                    if let Ok(rows) = client.select(stmt, None, &[role.into()]) {
+                        for row in rows {
+                            let filter: Option<String> = row.get(1).ok().flatten();
+                            let publish: bool = row.get(2).ok().flatten().unwrap_or(false);
+                            let subscribe: bool = row.get(3).ok().flatten().unwrap_or(false);
+                            if let Some(filter) = filter {
+                                out.push(Rule {
+                                    filter,
+                                    publish,
+                                    subscribe,
+                                });
+                            }
+                        }
                     }
-                }
-            }
-            out
+                    out
+                },
+            )
         })
     })
 }

@@ -21,7 +21,7 @@ use pgrx::{PgMemoryContexts, PgRelation};
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
 use crate::security::access::{self, Operation};
-use crate::{catalog, gucs, security, shmem, wake};
+use crate::{catalog, gucs, wake};
 
 /// What fills one placeholder.
 enum Fill {
@@ -62,11 +62,6 @@ struct Setup {
     jsonb_out: *mut pg_sys::FmgrInfo,
     /// mqtt_outbox_id_seq, for taking each message's outbox id when it is queued.
     outbox_seq: pg_sys::Oid,
-}
-
-// commands/sequence.h, which pgrx does not bind.
-unsafe extern "C-unwind" {
-    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
 fn bad(message: String, hint: Option<&str>) -> ! {
@@ -227,24 +222,8 @@ impl Setup {
         let qos = args.get(1).map_or(0, |s| parse_qos(s));
         let retain = args.get(2).is_some_and(|s| parse_retain(s));
         let broker_name = args.get(3).filter(|s| !s.is_empty()).cloned();
-        let schema = catalog::schema();
-        let (broker_id, outbox_seq) = security::as_extension_owner(|| {
-            Spi::connect(|client| {
-                let id = broker::resolve(client, &schema, broker_name.as_deref()).id;
-                let seq = client
-                    .select(
-                        &format!(
-                            "SELECT '{schema}.mqtt_outbox_id_seq'::pg_catalog.regclass::pg_catalog.oid"
-                        ),
-                        Some(1),
-                        &[],
-                    )
-                    .ok()
-                    .and_then(|t| t.first().get_one::<pg_sys::Oid>().ok().flatten())
-                    .unwrap_or(pg_sys::InvalidOid);
-                (id, seq)
-            })
-        });
+        let broker_id = broker::id_for_publish(broker_name.as_deref());
+        let outbox_seq = catalog::installed_or_raise().outbox_seq;
         let listed: Vec<usize> = args
             .iter()
             .skip(4)
@@ -510,19 +489,20 @@ fn publish_row(setup: &Setup, op: &str, new: Option<&Row>, old: Option<&Row>) {
         );
     }
     access::require(&topic, Operation::Publish);
+    // SAFETY: nextval of the extension's own sequence, found when the statement began; no
+    // permission check, as the row is written as the extension's owner.
+    let id = unsafe { pending::nextval_internal(setup.outbox_seq, false) };
     pending::push(pending::Pending {
         // SAFETY: a plain read of the transaction state.
         subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
-        // SAFETY: nextval of the extension's own sequence, found when the statement began;
-        // no permission check, as the row is written as the extension's owner.
-        id: unsafe { nextval_internal(setup.outbox_seq, false) },
+        id,
         broker_id: setup.broker_id,
         topic,
-        payload,
+        payload: payload.into_bytes(),
         qos: setup.qos,
         retain: setup.retain,
     });
-    wake::wake_at_commit(shmem::WAKE_OUTBOX);
+    wake::queued_at_commit(id);
 }
 
 #[unsafe(no_mangle)]

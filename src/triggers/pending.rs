@@ -1,12 +1,16 @@
-//! Messages that row triggers have queued but not yet written to `mqtt_outbox`.
+//! Messages that `mqtt_publish` and row triggers have queued but not yet written to
+//! `mqtt_outbox`.
 //!
-//! A trigger fires once per row: one INSERT per row would make a bulk UPDATE of a watched
-//! table many times slower than the UPDATE itself. So the trigger only checks and keeps the
-//! message here, and the rows go into the outbox in one set-based INSERT:
-//! - at the end of the statement that fired them (an `ExecutorFinish` hook, and after utility
+//! One INSERT per message would make a bulk publish (or a bulk UPDATE of a watched table) many
+//! times slower than an INSERT ... SELECT of the same rows: each would be parsed, planned and
+//! executed on its own. So a call only checks and keeps the message here, and the rows go into
+//! the outbox in one set-based INSERT through a plan prepared once per backend:
+//! - at the end of the statement that queued them (an `ExecutorFinish` hook, and after utility
 //!   statements such as COPY, see `ddl`), so they are in the outbox, in order, before the next
 //!   statement of the transaction runs;
-//! - before `mqtt_publish` writes its own row, so the outbox keeps the order of the calls;
+//! - before any other statement starts (an `ExecutorStart` hook): a PL/pgSQL `PERFORM
+//!   mqtt_publish(...)` is evaluated without an executor of its own, and the function's next
+//!   query must see the row all the same;
 //! - when the buffer grows large, so memory stays bounded;
 //! - at the latest before commit or PREPARE (deferred constraint triggers fire there).
 //!
@@ -17,8 +21,14 @@
 use std::cell::{Cell, RefCell};
 
 use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
 
-use crate::{catalog, security};
+use crate::{catalog, plans, security};
+
+// commands/sequence.h, which pgrx does not bind.
+unsafe extern "C-unwind" {
+    pub fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
 
 /// One message queued by a row trigger.
 pub struct Pending {
@@ -29,7 +39,7 @@ pub struct Pending {
     pub id: i64,
     pub broker_id: i32,
     pub topic: String,
-    pub payload: String,
+    pub payload: Vec<u8>,
     pub qos: i16,
     pub retain: bool,
 }
@@ -47,6 +57,7 @@ thread_local! {
 }
 
 static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 
 /// Install the hook and the transaction callbacks. Called once, from `_PG_init`.
 pub fn init() {
@@ -55,6 +66,8 @@ pub fn init() {
     unsafe {
         PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
         pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
     }
@@ -121,11 +134,11 @@ fn write(full: bool) {
     }
     FLUSHING.set(true);
     let _reset = scopeguard(|| FLUSHING.set(false));
-    let schema = catalog::schema();
+    let installed = catalog::installed_or_raise();
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let broker: Vec<i32> = rows.iter().map(|r| r.broker_id).collect();
     let topic: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
-    let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_bytes()).collect();
+    let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
     let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
     let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
     // At commit, after COPY, or in a portal's clean-up there is no active snapshot, which SPI
@@ -140,26 +153,47 @@ fn write(full: bool) {
     };
     security::as_extension_owner(|| {
         Spi::connect_mut(|client| {
-            if let Err(e) = client.update(
-                &format!(
+            let arg = PgOid::BuiltIn;
+            let types = [
+                arg(PgBuiltInOids::INT8ARRAYOID),
+                arg(PgBuiltInOids::INT4ARRAYOID),
+                arg(PgBuiltInOids::TEXTARRAYOID),
+                arg(PgBuiltInOids::BYTEAARRAYOID),
+                arg(PgBuiltInOids::INT2ARRAYOID),
+                arg(PgBuiltInOids::BOOLARRAYOID),
+            ];
+            let schema = &installed.schema;
+            let sql = || {
+                format!(
                     "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain) \
-                     SELECT * FROM ROWS FROM (pg_catalog.unnest($6::pg_catalog.int8[]), \
-                       pg_catalog.unnest($1::pg_catalog.int4[]), \
-                       pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.bytea[]), \
-                       pg_catalog.unnest($4::pg_catalog.int2[]), pg_catalog.unnest($5::pg_catalog.bool[]))"
-                ),
-                None,
-                &[
-                    broker.into(),
-                    topic.into(),
-                    payload.into(),
-                    qos.into(),
-                    retain.into(),
-                    ids.into(),
-                ],
-            ) {
-                error!("mqtt_pg could not queue the messages of mqtt_publish_trigger: {e}");
-            }
+                     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
+                       pg_catalog.unnest($3), pg_catalog.unnest($4), \
+                       pg_catalog.unnest($5), pg_catalog.unnest($6))"
+                )
+            };
+            plans::with_plan(
+                client,
+                installed.oid,
+                "outbox_insert",
+                &types,
+                sql,
+                |client, stmt| {
+                    if let Err(e) = client.update(
+                        stmt,
+                        None,
+                        &[
+                            ids.into(),
+                            broker.into(),
+                            topic.into(),
+                            payload.into(),
+                            qos.into(),
+                            retain.into(),
+                        ],
+                    ) {
+                        error!("mqtt_pg could not queue messages in mqtt_outbox: {e}");
+                    }
+                },
+            )
         })
     });
     if pushed {
@@ -177,6 +211,20 @@ fn scopeguard(f: impl FnMut()) -> impl Drop {
         }
     }
     Guard(f)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    // Messages queued by the previous expression (a PL/pgSQL PERFORM, say) go first, so this
+    // statement sees them in the outbox. A no-op when nothing is queued.
+    flush();
+    // SAFETY: the previous hook (or the standard function) with what it was given.
+    unsafe {
+        match PREV_EXECUTOR_START {
+            Some(prev) => prev(query, eflags),
+            None => pg_sys::standard_ExecutorStart(query, eflags),
+        }
+    }
 }
 
 #[pg_guard]

@@ -52,6 +52,12 @@ struct BrokerRuntime {
     /// How often each outbox row was the oldest unacknowledged one when a connection ended
     /// (see `Event::ConnectionLost::suspect`).
     strikes: HashMap<i64, u32>,
+    /// Every committed row of this broker with an id up to this one has been handed out (it
+    /// is in flight or retired, or gone): the next fetch reads above it, not through the rows
+    /// in flight again. Lowered to 0 whenever rows in flight go back to the queue, at every
+    /// poll tick, and to just below the lowest id of a transaction that commits late (see
+    /// `wake::queued_at_commit`).
+    floor: i64,
 }
 
 /// A row that was the oldest unacknowledged one this many times when the broker closed the
@@ -76,6 +82,12 @@ impl BrokerRuntime {
         self.in_flight.contains_key(&id) || self.retired.contains_key(&id)
     }
 
+    /// The connection's rows in flight go back to the queue (the engine forgot them).
+    fn forget_in_flight(&mut self) {
+        self.in_flight.clear();
+        self.floor = 0;
+    }
+
     /// The current task is being replaced: its rows wait for its `Stopped`.
     fn retire(&mut self) {
         self.retired.extend(self.in_flight.drain());
@@ -86,6 +98,7 @@ impl BrokerRuntime {
     fn release_retired(&mut self) {
         self.retired.clear();
         self.retiring = 0;
+        self.floor = 0;
     }
 }
 
@@ -370,6 +383,11 @@ impl Worker {
             let tick = last_poll.is_none_or(|t| t.elapsed() >= interval);
             if tick {
                 last_poll = Some(Instant::now());
+                // Rows can reach the outbox without a wake-up (written directly, a prepared
+                // transaction committed elsewhere): look at all of it now and then.
+                for rt in self.brokers.values_mut() {
+                    rt.floor = 0;
+                }
             }
             let restart = std::mem::take(&mut self.restart_failed);
             if (tick || restart || flags & WAKE_CONFIG != 0) && !self.reload_config() {
@@ -424,16 +442,27 @@ impl Worker {
     }
 
     /// Take the wake reasons backends left; None when the slot is no longer ours.
-    fn take_wake_flags(&self) -> Option<u32> {
+    /// Take the wake reasons backends left; None when the slot is no longer ours. Outbox rows
+    /// committed below what was handed out already are looked for again.
+    fn take_wake_flags(&mut self) -> Option<u32> {
         // SAFETY: MyProcPid is set in every process.
         let me = unsafe { pg_sys::MyProcPid };
-        let mut shared = SHARED.exclusive();
-        match shared.db_mut(self.dboid) {
-            Some(slot) if slot.pid == me && slot.state == DbState::Running => {
-                Some(std::mem::take(&mut slot.wake_flags))
+        let (flags, low) = {
+            let mut shared = SHARED.exclusive();
+            match shared.db_mut(self.dboid) {
+                Some(slot) if slot.pid == me && slot.state == DbState::Running => (
+                    std::mem::take(&mut slot.wake_flags),
+                    std::mem::replace(&mut slot.outbox_low, i64::MAX),
+                ),
+                _ => return None,
             }
-            _ => None,
+        };
+        if flags & WAKE_OUTBOX != 0 {
+            for rt in self.brokers.values_mut() {
+                rt.floor = rt.floor.min(low.saturating_sub(1)).max(0);
+            }
         }
+        Some(flags)
     }
 
     /// Update this database's status slot for one broker.
@@ -519,7 +548,7 @@ impl Worker {
                         b.ever_connected = true;
                         b.connected = true;
                         b.epoch = epoch;
-                        b.in_flight.clear();
+                        b.forget_in_flight();
                     }
                     self.with_status(broker_id, |s| {
                         s.state = LinkState::Connected;
@@ -538,7 +567,7 @@ impl Worker {
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.connected = false;
                         // The engine forgot them: they are resent from the outbox.
-                        b.in_flight.clear();
+                        b.forget_in_flight();
                         if let Some(id) = suspect {
                             let strikes = b.strikes.entry(id).or_default();
                             *strikes += 1;
@@ -564,7 +593,7 @@ impl Worker {
                     warning!("mqtt_pg broker {broker_id}: {error}");
                     if let Some(b) = self.brokers.get_mut(&broker_id) {
                         b.connected = false;
-                        b.in_flight.clear();
+                        b.forget_in_flight();
                         b.subs.clear(); // the new task knows none yet
                     }
                     self.mark_disconnected(broker_id, &error, now);
@@ -638,6 +667,7 @@ impl Worker {
             let (oid, schema) = catalog::extension()?;
             (oid == extension).then(|| {
                 let routes = Spi::connect(|client| crate::routing::load(client, &schema, None));
+                outbox::set_aside_orphans(&schema);
                 (config::load(&schema), routes)
             })
         }) else {
@@ -670,7 +700,7 @@ impl Worker {
                 // No connection for it any more (set_brokers below stops it): nothing is in
                 // flight and nothing may be handed out until it can connect again.
                 rt.connected = false;
-                rt.in_flight.clear();
+                rt.forget_in_flight();
             }
             if let Some(c) = &l.config {
                 configs.push(c.clone());
@@ -698,7 +728,7 @@ impl Worker {
                 if had_task.contains(&id) {
                     rt.retire();
                 } else {
-                    rt.in_flight.clear();
+                    rt.forget_in_flight();
                 }
                 rt.subs.clear(); // a new task knows no subscriptions yet
             }
@@ -722,7 +752,6 @@ impl Worker {
     fn send_outbox(&mut self) {
         let batch = gucs::PUBLISH_BATCH_SIZE.get().max(1) as usize;
         let max_in_flight = gucs::MAX_IN_FLIGHT.get().max(1) as usize;
-        let schema = self.schema.clone();
         let brokers = &mut self.brokers;
         let engine = &self.engine;
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
@@ -742,8 +771,15 @@ impl Worker {
                 if room == 0 || byte_room == 0 {
                     continue;
                 }
-                let msgs =
-                    outbox::fetch(&schema, *id, taken, |row| rt.is_taken(row), room, byte_room);
+                let floor = rt.floor;
+                let above = rt
+                    .in_flight
+                    .keys()
+                    .chain(rt.retired.keys())
+                    .filter(|row| **row > floor)
+                    .count();
+                let (msgs, consumed) =
+                    outbox::fetch(*id, floor, above, |row| rt.is_taken(row), room, byte_room);
                 if probation
                     && msgs
                         .first()
@@ -753,6 +789,8 @@ impl Worker {
                     rt.strikes.clear();
                 }
                 if msgs.is_empty() {
+                    // Everything read up to `consumed` is in flight or retired already.
+                    rt.floor = rt.floor.max(consumed);
                     continue;
                 }
                 let sizes: Vec<(i64, usize)> = msgs
@@ -761,6 +799,7 @@ impl Worker {
                     .collect();
                 if engine.publish(*id, rt.epoch, msgs) {
                     rt.in_flight.extend(sizes);
+                    rt.floor = rt.floor.max(consumed);
                 }
             }
         }));

@@ -7,77 +7,158 @@
 
 use mqtt_pg_core::engine::OutMessage;
 use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
 
 /// Payload bytes one broker may have handed to its connection and not yet acknowledged: the
 /// worker's memory must not follow the size of the messages queued (up to 256 MB each).
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 
-/// Up to `room` committed rows of one broker that are not in flight, lowest id first, with
-/// payloads of at most `byte_room` bytes in all (but always at least one row, however large).
-/// `taken` counts the rows `is_taken` says are in flight already (they are skipped).
+/// Up to `room` committed rows of one broker with ids above `floor` that are not in flight,
+/// lowest id first, with payloads of at most `byte_room` bytes in all (but always at least one
+/// row, however large). `above` counts the rows above `floor` that `is_taken` says are in
+/// flight already (they are read and skipped). Also returns the highest id read and either
+/// handed out or skipped as taken: every committed row up to it is now taken.
 pub fn fetch(
-    schema: &str,
     broker_id: i32,
-    taken: usize,
+    floor: i64,
+    above: usize,
     is_taken: impl Fn(i64) -> bool,
     room: usize,
     byte_room: usize,
-) -> Vec<OutMessage> {
-    Spi::connect(|client| {
-        let limit = (taken + room) as i64;
-        let candidates: Vec<(i64, usize)> = client
-            .select(
-                &format!(
-                    "SELECT id, pg_catalog.octet_length(payload) FROM {schema}.mqtt_outbox \
-                     WHERE broker_id OPERATOR(pg_catalog.=) $1 ORDER BY id LIMIT $2"
-                ),
-                None,
-                &[broker_id.into(), limit.into()],
-            )
-            .map(|rows| {
-                rows.filter_map(|r| {
-                    let id = r.get::<i64>(1).ok().flatten()?;
-                    let len = r.get::<i32>(2).ok().flatten().unwrap_or(0).max(0) as usize;
-                    Some((id, len))
-                })
-                .filter(|(id, _)| !is_taken(*id))
-                .take(room)
-                .collect()
-            })
-            .unwrap_or_default();
-        let mut ids = Vec::new();
-        let mut bytes = 0usize;
-        for (id, len) in candidates {
-            if !ids.is_empty() && bytes + len > byte_room {
-                break;
-            }
-            bytes += len;
-            ids.push(id);
-        }
-        if ids.is_empty() {
-            return Vec::new();
-        }
-        client
-            .select(
-                &format!(
-                    "SELECT id, topic, payload, qos, retain FROM {schema}.mqtt_outbox \
-                     WHERE id OPERATOR(pg_catalog.=) ANY ($1) ORDER BY id"
-                ),
-                None,
-                &[ids.into()],
-            )
-            .map(|rows| {
-                rows.filter_map(|r| {
-                    Some(OutMessage {
-                        outbox_id: r.get::<i64>(1).ok()??,
-                        topic: r.get::<String>(2).ok()??,
-                        payload: r.get::<Vec<u8>>(3).ok()??,
-                        qos: r.get::<i16>(4).ok()??.clamp(0, 2) as u8,
-                        retain: r.get::<bool>(5).ok()??,
-                    })
-                })
-                .collect()
-            })
-            .unwrap_or_default()
+) -> (Vec<OutMessage>, i64) {
+    // The lowest ids of one broker are an ordered scan of the index on (broker_id, id) that
+    // stops after `limit` rows. Without fresh statistics (a new or truncated outbox, a backlog
+    // built faster than autovacuum analyzes) the planner guesses few matching rows and picks a
+    // bitmap scan plus sort, which reads the whole backlog for every batch: a million-row
+    // backlog then drains at a few hundred messages a second. Sorting is never needed here.
+    // SAFETY: a setting local to this transaction (the worker's send transaction).
+    unsafe {
+        pg_sys::set_config_option(
+            c"enable_sort".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+    let Some(installed) = crate::catalog::installed() else {
+        return (Vec::new(), floor);
+    };
+    let schema = &installed.schema;
+    let limit = (above + room) as i64;
+    let arg = PgOid::BuiltIn;
+    let types = [
+        arg(PgBuiltInOids::INT4OID),
+        arg(PgBuiltInOids::INT8OID),
+        arg(PgBuiltInOids::INT8OID),
+        arg(PgBuiltInOids::INT8OID),
+    ];
+    // One ordered index scan. The running sum keeps the batch within `byte_room` (a payload
+    // is never detoasted to be measured, nor read at all when it is cut off or in flight).
+    let sql = || {
+        format!(
+            "SELECT id, topic, payload, qos, retain FROM ( \
+               SELECT id, topic, payload, qos, retain, \
+                 pg_catalog.octet_length(payload) AS len, \
+                 pg_catalog.sum(pg_catalog.octet_length(payload)) \
+                   OVER (ORDER BY broker_id, id ROWS UNBOUNDED PRECEDING) AS upto \
+               FROM {schema}.mqtt_outbox \
+               WHERE broker_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>) $2 \
+               ORDER BY broker_id, id LIMIT $3) x \
+             WHERE x.upto OPERATOR(pg_catalog.-) x.len OPERATOR(pg_catalog.<) $4"
+        )
+    };
+    Spi::connect_mut(|client| {
+        crate::plans::with_plan(
+            client,
+            installed.oid,
+            "outbox_fetch",
+            &types,
+            sql,
+            |client, stmt| {
+                let rows = client.select(
+                    stmt,
+                    None,
+                    &[
+                        broker_id.into(),
+                        floor.into(),
+                        limit.into(),
+                        (byte_room as i64).into(),
+                    ],
+                );
+                let mut messages = Vec::new();
+                let mut consumed = floor;
+                if let Ok(rows) = rows {
+                    for r in rows {
+                        let Some(id) = r.get::<i64>(1).ok().flatten() else {
+                            continue;
+                        };
+                        consumed = consumed.max(id);
+                        if is_taken(id) {
+                            continue;
+                        }
+                        if messages.len() >= room {
+                            consumed = messages.last().map_or(floor, |m: &OutMessage| m.outbox_id);
+                            break;
+                        }
+                        let (Some(topic), Some(payload), Some(qos), Some(retain)) = (
+                            r.get::<String>(2).ok().flatten(),
+                            r.get::<Vec<u8>>(3).ok().flatten(),
+                            r.get::<i16>(4).ok().flatten(),
+                            r.get::<bool>(5).ok().flatten(),
+                        ) else {
+                            continue;
+                        };
+                        messages.push(OutMessage {
+                            outbox_id: id,
+                            topic,
+                            payload,
+                            qos: qos.clamp(0, 2) as u8,
+                            retain,
+                        });
+                    }
+                }
+                (messages, consumed)
+            },
+        )
     })
+}
+
+/// Move outbox rows whose broker id no broker has to `mqtt_dead_letter`. The outbox has no
+/// foreign key (see schema.sql): mqtt_pg's own writers lock the broker row, but a row written
+/// directly into the table may name any id, and would otherwise wait there for ever. Finding
+/// the ids takes one index probe per distinct broker id, not a scan of the outbox.
+pub fn set_aside_orphans(schema: &str) {
+    let result = Spi::connect_mut(|client| {
+        client.update(
+            &format!(
+                "WITH RECURSIVE ids(id) AS ( \
+                   (SELECT broker_id FROM {schema}.mqtt_outbox ORDER BY broker_id LIMIT 1) \
+                   UNION ALL \
+                   SELECT (SELECT o.broker_id FROM {schema}.mqtt_outbox o \
+                           WHERE o.broker_id OPERATOR(pg_catalog.>) ids.id ORDER BY o.broker_id LIMIT 1) \
+                   FROM ids WHERE ids.id IS NOT NULL), \
+                 orphans AS (SELECT id FROM ids WHERE id IS NOT NULL AND NOT EXISTS ( \
+                   SELECT FROM {schema}.mqtt_broker b WHERE b.id OPERATOR(pg_catalog.=) ids.id)), \
+                 d AS (DELETE FROM {schema}.mqtt_outbox o USING orphans x \
+                   WHERE o.broker_id OPERATOR(pg_catalog.=) x.id RETURNING o.*) \
+                 INSERT INTO {schema}.mqtt_dead_letter (broker_id, topic, payload, qos, retain, direction, error) \
+                 SELECT broker_id, topic, payload, qos, retain, 'send', \
+                   'no MQTT broker has id ' OPERATOR(pg_catalog.||) broker_id \
+                   OPERATOR(pg_catalog.||) ' (the row was written into mqtt_outbox directly)' \
+                 FROM d ORDER BY id"
+            ),
+            None,
+            &[],
+        )
+        .map(|t| t.len())
+    });
+    match result {
+        Ok(0) => {}
+        Ok(n) => log!("mqtt_pg moved {n} messages for brokers that do not exist from mqtt_outbox to mqtt_dead_letter"),
+        Err(e) => warning!("mqtt_pg could not check mqtt_outbox for messages of missing brokers: {e}"),
+    }
 }

@@ -13,13 +13,13 @@ use mqtt_pg_core::batch::chunks_by_size;
 use mqtt_pg_core::engine::{Ack, InMessage};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::PgSqlErrorCode;
+use pgrx::{PgBuiltInOids, PgOid, PgSqlErrorCode};
 
 use std::cell::Cell;
 
 use super::{hung, subxact};
-use crate::gucs;
 use crate::routing::{exec, Route, Routes};
+use crate::{gucs, plans};
 
 /// Payload bytes of received messages stored by one INSERT (and drained from the engine for
 /// one batch): PostgreSQL caps an array at 1 GB, and a batch must stay far below that.
@@ -437,24 +437,36 @@ fn move_to_history(
 ) -> Vec<i32> {
     let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
     let pkids: Vec<Option<i32>> = delivered.iter().map(|d| d.2.map(i32::from)).collect();
-    let result = client.update(
-        &format!(
+    let Some(extension) = crate::catalog::extension().map(|(oid, _)| oid) else {
+        return Vec::new();
+    };
+    let types = [
+        PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
+        PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
+    ];
+    let sql = || {
+        format!(
             "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
-               USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.int4[])) AS u(id, pkid) \
+               USING ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, pkid) \
                WHERE o.id OPERATOR(pg_catalog.=) u.id \
                RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, u.pkid) \
              INSERT INTO {schema}.mqtt_message_history \
                (broker_id, topic, payload, qos, retain, direction, message_id) \
              SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id \
              RETURNING broker_id"
-        ),
-        None,
-        &[ids.into(), pkids.into()],
-    );
-    match result {
-        Ok(rows) => rows
-            .filter_map(|r| r.get::<i32>(1).ok().flatten())
-            .collect(),
-        Err(e) => error!("mqtt_pg could not record delivered messages: {e}"),
-    }
+        )
+    };
+    plans::with_plan(
+        client,
+        extension,
+        "move_to_history",
+        &types,
+        sql,
+        |client, stmt| match client.update(stmt, None, &[ids.into(), pkids.into()]) {
+            Ok(rows) => rows
+                .filter_map(|r| r.get::<i32>(1).ok().flatten())
+                .collect(),
+            Err(e) => error!("mqtt_pg could not record delivered messages: {e}"),
+        },
+    )
 }
