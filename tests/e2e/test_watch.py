@@ -233,6 +233,68 @@ def test_insert_update_delete_payloads_are_exact(conn, broker, mosq, topic, make
     assert rows[0]["qos"] == 1 and rows[0]["retain"] is False
 
 
+SCALARS = ("id int8 PRIMARY KEY, s int2, i int4, n numeric, b bool, t text, v varchar(20), c char(6), "
+           "dom_n numeric_dom, f float8")
+
+
+@pytest.mark.parametrize("values", [
+    ("-9223372036854775808", "-32768", "2147483647", "1.50", "true", "q\"\\ \n\t\u0001\u007f é 😀 / {x}",
+     "", "ab", "NaN", "1e20"),
+    ("9223372036854775807", "0", "-1", "NaN", "false", "", "\"", "", "Infinity", "-0"),
+    ("1", "1", "1", "-Infinity", None, None, None, None, None, "NaN"),
+    ("2", None, None, "-0.000", None, "_", "x", "abcdef", "0.1", "Infinity"),
+    ("3", None, None, "123456789012345678901234567890.000000000000000000001", None, "x" * 300, None, None, None, None),
+])
+def test_scalar_columns_are_byte_for_byte_what_to_jsonb_prints(conn, broker, topic, make_table, values):
+    # The common scalar types are written straight from their output functions (a fast path):
+    # each value's JSON text must be exactly what to_jsonb prints, not merely equal once parsed.
+    # A domain and float8 go through to_jsonb itself; they are here to show both paths agree.
+    conn.execute("DO $$ BEGIN CREATE DOMAIN numeric_dom AS numeric; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    tbl = make_table(SCALARS)
+    watch(conn, tbl, f"{topic}/{{id}}", qos=0, broker=broker.name)
+    conn.execute("SELECT mqtt_stop_listener(%s)", (broker.name,))
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {tbl} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", values)
+        [payload] = conn.execute("SELECT convert_from(payload, 'UTF8') FROM mqtt_outbox WHERE topic = %s",
+                                 (f"{topic}/{values[0]}",)).fetchone()
+        expected = dict(conn.execute(f"SELECT key, value::text FROM {tbl} r, jsonb_each(to_jsonb(r)) "
+                                     "WHERE id = %s::int8", (values[0],)).fetchall())
+    new = payload[payload.index('"new": ') + len('"new": '):payload.rindex(', "old": ')]
+    got = [part.split(": ", 1) for part in split_top(new[1:-1])]
+    assert [(json.loads(k), v) for k, v in got] == [(k, expected[k]) for k in ORDER]
+    assert expected["t"] == "null" or expected["t"].startswith('"')  # the comparison is of texts
+
+
+ORDER = ["id", "s", "i", "n", "b", "t", "v", "c", "dom_n", "f"]
+
+
+def split_top(body: str) -> list[str]:
+    """Split 'a: 1, b: "x, y"' at the top-level commas (outside strings)."""
+    parts, depth, in_str, esc, cur = [], 0, False, False, []
+    for ch in body:
+        cur.append(ch)
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            cur.pop()
+            parts.append("".join(cur).strip())
+            cur = []
+    if cur:
+        parts.append("".join(cur).strip())
+    return parts
+
+
 def test_template_placeholders_use_text_form_new_and_old(conn, broker, mosq, topic, make_table):
     """{column} is the column's ::text (in this session), made safe for one level; from NEW on
     insert and update, from OLD on delete."""
