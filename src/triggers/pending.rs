@@ -8,9 +8,9 @@
 //! - at the end of the statement that queued them (an `ExecutorFinish` hook, and after utility
 //!   statements such as COPY, see `ddl`), so they are in the outbox, in order, before the next
 //!   statement of the transaction runs;
-//! - before any other statement starts (an `ExecutorStart` hook): a PL/pgSQL `PERFORM
-//!   mqtt_publish(...)` is evaluated without an executor of its own, and the function's next
-//!   query must see the row all the same;
+//! - before any other statement starts (an `ExecutorStart` hook): a PL/pgSQL assignment
+//!   `x := mqtt_publish(...)` or IF condition is evaluated without an executor of its own, and
+//!   the function's next query must see the row all the same;
 //! - when the buffer grows large, so memory stays bounded;
 //! - at the latest before commit or PREPARE (deferred constraint triggers fire there).
 //!
@@ -120,17 +120,18 @@ fn is_empty() -> bool {
 /// messages were checked against the access rules when queued; the row is written as the
 /// extension's owner, as `mqtt_publish` writes its own.
 pub fn flush() {
-    write(false)
+    write(false);
 }
 
-fn write(full: bool) {
+/// Write what may be written now (see [`take`]); true when rows were written.
+fn write(full: bool) -> bool {
     // SAFETY: a plain read of the transaction state.
     if FLUSHING.get() || is_empty() || !unsafe { pg_sys::IsTransactionState() } {
-        return;
+        return false;
     }
     let rows = take(full);
     if rows.is_empty() {
-        return;
+        return false;
     }
     FLUSHING.set(true);
     let _reset = scopeguard(|| FLUSHING.set(false));
@@ -200,6 +201,7 @@ fn write(full: bool) {
         // SAFETY: pops the snapshot pushed above.
         unsafe { pg_sys::PopActiveSnapshot() };
     }
+    true
 }
 
 /// Runs `f` when dropped, also when an ERROR unwinds through.
@@ -215,9 +217,24 @@ fn scopeguard(f: impl FnMut()) -> impl Drop {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
-    // Messages queued by the previous expression (a PL/pgSQL PERFORM, say) go first, so this
-    // statement sees them in the outbox. A no-op when nothing is queued.
-    flush();
+    // Messages queued by an expression that ran without an executor of its own (a PL/pgSQL
+    // assignment `x := mqtt_publish(...)`, an IF condition) go in first, and this statement
+    // must see them, as it would have seen a row mqtt_publish inserted at once. Its snapshot
+    // was taken before they were written, so it moves on to the command that wrote them, as
+    // SPI moves a statement's snapshot on to the commands before it. A no-op when nothing is
+    // queued.
+    if write(false) {
+        // SAFETY: the query's own snapshot (SPI and the portal code pass a copy made for this
+        // statement), updated before the executor uses it; CommandCounterIncrement makes the
+        // rows just written visible to a snapshot with the new command id.
+        unsafe {
+            pg_sys::CommandCounterIncrement();
+            let snapshot = (*query).snapshot;
+            if !snapshot.is_null() {
+                (*snapshot).curcid = pg_sys::GetCurrentCommandId(false);
+            }
+        }
+    }
     // SAFETY: the previous hook (or the standard function) with what it was given.
     unsafe {
         match PREV_EXECUTOR_START {

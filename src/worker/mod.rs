@@ -398,11 +398,19 @@ impl Worker {
                 }
                 return Exit::ExtensionChanged;
             }
-            let progressed = self.process_events();
+            // Newly committed messages go out first, before acknowledged ones are recorded:
+            // recording ends in a commit that waits for the disk, and a message committed a
+            // moment ago should not wait behind it. (Rows delivered and not yet recorded are
+            // still in flight as far as the fetch goes, so none is sent twice.)
             // While a batch waits for a retry nothing new goes out: its delivered and rejected
             // rows are still in the outbox, and tasks it would have heard stop from may still
             // be writing.
-            if self.retry.is_none() && (tick || progressed || flags & WAKE_OUTBOX != 0) {
+            let woken = flags & WAKE_OUTBOX != 0;
+            if self.retry.is_none() && woken {
+                self.send_outbox();
+            }
+            let progressed = self.process_events();
+            if self.retry.is_none() && (tick || progressed) {
                 self.send_outbox();
             }
             // A background worker reports its table statistics only when asked to: without
