@@ -115,7 +115,10 @@ BEGIN
         RAISE EXCEPTION 'no dead letter with id %', dead_letter_id
             USING ERRCODE = '42704', HINT = 'SELECT id, error FROM mqtt_dead_letter lists them.';
     END IF;
-    IF NOT EXISTS (SELECT FROM @extschema@.mqtt_broker b WHERE b.id OPERATOR(pg_catalog.=) d.broker_id) THEN
+    -- FOR KEY SHARE, as mqtt_publish locks it: a concurrent DELETE of the broker waits, and
+    -- then takes the requeued row with it (mqtt_outbox has no foreign key).
+    PERFORM FROM @extschema@.mqtt_broker b WHERE b.id OPERATOR(pg_catalog.=) d.broker_id FOR KEY SHARE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'the broker of dead letter % no longer exists', dead_letter_id
             USING ERRCODE = '42704',
                   HINT = 'Publish its payload again with mqtt_publish(..., broker => ...), or delete it.';

@@ -903,6 +903,8 @@ def test_upsert_cte_and_statements_inside_functions(conn, broker, mosq, topic, m
     tbl = make_table("id int PRIMARY KEY, v int")
     watch(conn, tbl, f"{topic}/u/{{id}}/{{op}}", qos=1, broker=broker.name)
     conn.execute(f"INSERT INTO {tbl} VALUES (1, 1)")
+    # its message must be gone before the subscriber comes, or the subscriber may get it too
+    wait_for(lambda: outbox_under(conn, topic) == [], message="the outbox to drain")
     with mqtt_sub(mosq.port, f"{topic}/#") as sub:
         # ON CONFLICT: an update for the existing key, an insert for the new one
         conn.execute(f"INSERT INTO {tbl} VALUES (1, 100), (2, 200) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v")
