@@ -349,6 +349,7 @@ ALTER FUNCTION @extschema@._mqtt_pg_config_changed() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_config_changed() FROM PUBLIC;
 ALTER FUNCTION @extschema@._mqtt_broker_deleted() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_deleted() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_cascade(integer[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_id(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_password(text, text, integer, text, boolean, text, text) FROM PUBLIC;

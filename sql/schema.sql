@@ -204,8 +204,8 @@ BEGIN
     IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' THEN
         TRUNCATE @extschema@.mqtt_outbox;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-        DELETE FROM @extschema@.mqtt_outbox o USING mqtt_deleted_brokers d
-        WHERE o.broker_id OPERATOR(pg_catalog.=) d.id;
+        -- with the latest snapshot, as a foreign key's cascade (see _mqtt_broker_cascade)
+        PERFORM @extschema@._mqtt_broker_cascade(ARRAY(SELECT d.id FROM mqtt_deleted_brokers d));
     ELSIF EXISTS (SELECT FROM @extschema@.mqtt_outbox o WHERE o.broker_id OPERATOR(pg_catalog.=) OLD.id) THEN
         RAISE EXCEPTION 'the id of MQTT broker "%" cannot change while it has messages in mqtt_outbox', OLD.name
             USING ERRCODE = 'foreign_key_violation';

@@ -21,8 +21,9 @@ pub struct Installed {
 
 /// One statement of one (sub)transaction, as far as this backend's own changes go: a look-up
 /// made under the same stamp may be used again. That is what lets `mqtt_publish` run 100,000
-/// times in one statement without 100,000 look-ups. The stamp moves on with every client
-/// statement, every subtransaction (a lock taken in a rolled-back one is gone), every utility
+/// times in one statement without 100,000 look-ups. The stamp moves on with every query the
+/// client sends (a string of several statements counts as one: a concurrent change of the
+/// default broker can be seen one string late), every subtransaction (a lock taken in a rolled-back one is gone), every utility
 /// statement (DDL such as DROP EXTENSION, also inside a function; see `ddl`) and every write to
 /// mqtt_broker or mqtt_topic (their statement triggers call [`forget`]). A concurrent commit
 /// seen one statement late is as good as not yet seen.

@@ -209,6 +209,18 @@ unsafe fn guard_extension_schema(stmt: *mut pg_sys::Node) {
     }
 }
 
+/// Is `stmt` a COMMIT PREPARED?
+/// SAFETY: `stmt` is a parse node or null.
+unsafe fn commits_prepared(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: the node tag is checked before the cast.
+    unsafe {
+        !stmt.is_null()
+            && pgrx::is_a(stmt, pg_sys::NodeTag::T_TransactionStmt)
+            && (*(stmt as *mut pg_sys::TransactionStmt)).kind
+                == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
+    }
+}
+
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
@@ -221,7 +233,10 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // Read before the statement runs: a procedure that commits frees its own parse tree.
     // SAFETY: Postgres hands us a valid PlannedStmt; we only read its utility statement.
+    let commit_prepared = unsafe { commits_prepared((*pstmt).utilityStmt) };
+    // SAFETY: as above.
     unsafe {
         guard_extension_schema((*pstmt).utilityStmt);
         if let Some(db) = exclusive_database((*pstmt).utilityStmt) {
@@ -252,6 +267,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // DDL may have changed what the extension looked up for this statement.
     crate::catalog::forget();
+    // COMMIT PREPARED makes another transaction's messages visible, and no commit callback of
+    // that transaction runs: wake the worker (at this statement's commit) to look at the whole
+    // outbox, as it does for rows whose ids it is not told.
+    if commit_prepared && crate::catalog::installed().is_some() {
+        crate::wake::wake_at_commit(crate::shmem::WAKE_OUTBOX);
+    }
     // COPY into a watched table fires its row triggers without an ExecutorFinish: queue their
     // messages now, as at the end of any other statement.
     crate::triggers::pending::flush();

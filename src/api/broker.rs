@@ -208,3 +208,82 @@ fn locked_id(
 fn _mqtt_broker_id(broker: pgrx::default!(Option<&str>, "NULL")) -> i32 {
     with_broker(broker, |_, _, b| b.id)
 }
+
+/// Internal, for the `mqtt_broker_deleted` trigger: delete the queued messages of deleted
+/// brokers, as the outbox's foreign key (`ON DELETE CASCADE`) did, with the same care for
+/// concurrency. A publisher that held the broker's row (FOR KEY SHARE) may have committed its
+/// rows after this transaction's snapshot was taken: under REPEATABLE READ or SERIALIZABLE
+/// they are invisible to it, so they are looked for with the latest snapshot, and a row this
+/// transaction could not have seen fails it with a serialization error (40001), to be retried,
+/// as the foreign key's cascade does (PostgreSQL's `ri_PerformCheck`). Rows left behind would
+/// be orphans, or, were a broker with the same id inserted, go to the wrong broker.
+/// Only rows of brokers that no longer exist are deleted, so a direct call can do no harm.
+#[pgrx::pg_extern(volatile, parallel_unsafe)]
+fn _mqtt_broker_cascade(ids: Option<Vec<Option<i32>>>) {
+    let ids: Vec<i32> = ids.unwrap_or_default().into_iter().flatten().collect();
+    if ids.is_empty() {
+        return;
+    }
+    // This transaction's own messages for these brokers that are still in memory go in first;
+    // one that cannot be written from here (it was queued outside the exception block that
+    // deletes the broker) would be left without a broker.
+    crate::triggers::pending::flush();
+    if crate::triggers::pending::holds_broker(&ids) {
+        errors::raise(
+            errors::OBJECT_IN_USE,
+            "cannot delete an MQTT broker inside an exception block of the transaction that queued messages for it",
+            Some("Delete the broker outside the block (or in another transaction)."),
+        );
+    }
+    let installed = catalog::installed_or_raise();
+    let schema = &installed.schema;
+    let sql = format!(
+        "DELETE FROM {schema}.mqtt_outbox o WHERE o.broker_id OPERATOR(pg_catalog.=) ANY ($1) \
+         AND NOT EXISTS (SELECT FROM {schema}.mqtt_broker b WHERE b.id OPERATOR(pg_catalog.=) o.broker_id)"
+    );
+    let sql = std::ffi::CString::new(sql).expect("no NUL in the statement");
+    // SAFETY: SPI calls between SPI_connect and SPI_finish (Spi::connect_mut), with a plan
+    // prepared here for one int4[] argument and that argument's datum.
+    Spi::connect_mut(|_client| unsafe {
+        let mut argtypes = [pg_sys::INT4ARRAYOID];
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, argtypes.as_mut_ptr());
+        if plan.is_null() {
+            errors::raise(
+                errors::NOT_IN_PREREQUISITE_STATE,
+                "mqtt_pg could not prepare the cascade of a deleted broker",
+                None,
+            );
+        }
+        let mut values = [pgrx::IntoDatum::into_datum(ids).expect("an array datum")];
+        let nulls = [b' ' as std::ffi::c_char];
+        let (test, crosscheck) = if pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            // as ri_PerformCheck: our own work visible, then the latest committed state
+            // checked against the transaction's snapshot
+            pg_sys::CommandCounterIncrement();
+            (
+                pg_sys::GetLatestSnapshot(),
+                pg_sys::GetTransactionSnapshot(),
+            )
+        } else {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        let rc = pg_sys::SPI_execute_snapshot(
+            plan,
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            test,
+            crosscheck,
+            false,
+            true,
+            0,
+        );
+        if rc != pg_sys::SPI_OK_DELETE as i32 {
+            errors::raise(
+                errors::NOT_IN_PREREQUISITE_STATE,
+                format!("mqtt_pg could not delete the queued messages of a deleted broker (SPI code {rc})"),
+                None,
+            );
+        }
+        pg_sys::SPI_freeplan(plan);
+    });
+}

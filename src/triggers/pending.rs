@@ -54,10 +54,16 @@ thread_local! {
     /// Set while the buffer is being written, so the INSERT's own ExecutorFinish does not
     /// try again.
     static FLUSHING: Cell<bool> = const { Cell::new(false) };
+    /// The snapshots of the statements whose executors are running (started, not ended), so
+    /// that a statement's snapshot is never moved while another statement uses it. An executor
+    /// an error abandons leaves its entry until the transaction ends: that only ever keeps a
+    /// snapshot from moving.
+    static RUNNING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 
 /// Install the hook and the transaction callbacks. Called once, from `_PG_init`.
 pub fn init() {
@@ -68,6 +74,8 @@ pub fn init() {
         pg_sys::ExecutorFinish_hook = Some(executor_finish);
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
     }
@@ -110,6 +118,11 @@ fn take(full: bool) -> Vec<Pending> {
         BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
         out
     })
+}
+
+/// Does the buffer still hold a message for one of these brokers?
+pub fn holds_broker(ids: &[i32]) -> bool {
+    PENDING.with(|q| q.borrow().iter().any(|p| ids.contains(&p.broker_id)))
 }
 
 fn is_empty() -> bool {
@@ -221,18 +234,20 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     // assignment `x := mqtt_publish(...)`, an IF condition) go in first, and this statement
     // must see them, as it would have seen a row mqtt_publish inserted at once. Its snapshot
     // was taken before they were written, so it moves on to the command that wrote them, as
-    // SPI moves a statement's snapshot on to the commands before it. A no-op when nothing is
-    // queued.
-    if write(false) {
-        // SAFETY: the query's own snapshot (SPI and the portal code pass a copy made for this
-        // statement), updated before the executor uses it; CommandCounterIncrement makes the
-        // rows just written visible to a snapshot with the new command id.
+    // SPI moves a statement's snapshot on to the commands before it. Only a snapshot no running
+    // statement uses may move: a read-only query (inside a STABLE function) runs on the
+    // snapshot of the statement that called it, which must not start seeing its own writes
+    // half-way; then the rows wait for a later statement, or the end of this one.
+    // SAFETY: a read of the query's snapshot pointer.
+    let snapshot = unsafe { (*query).snapshot };
+    let own = !snapshot.is_null() && RUNNING.with(|r| !r.borrow().contains(&(snapshot as usize)));
+    if own && write(false) {
+        // SAFETY: no running statement uses the snapshot (checked above) and this one has not
+        // started; CommandCounterIncrement makes the rows just written visible to a snapshot
+        // with the new command id.
         unsafe {
             pg_sys::CommandCounterIncrement();
-            let snapshot = (*query).snapshot;
-            if !snapshot.is_null() {
-                (*snapshot).curcid = pg_sys::GetCurrentCommandId(false);
-            }
+            (*(*query).snapshot).curcid = pg_sys::GetCurrentCommandId(false);
         }
     }
     // SAFETY: the previous hook (or the standard function) with what it was given.
@@ -240,6 +255,26 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         match PREV_EXECUTOR_START {
             Some(prev) => prev(query, eflags),
             None => pg_sys::standard_ExecutorStart(query, eflags),
+        }
+    }
+    RUNNING.with(|r| r.borrow_mut().push(snapshot as usize));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: a read of the query's snapshot pointer, before the executor frees anything.
+    let snapshot = unsafe { (*query).snapshot } as usize;
+    RUNNING.with(|r| {
+        let mut r = r.borrow_mut();
+        if let Some(i) = r.iter().rposition(|s| *s == snapshot) {
+            r.remove(i);
+        }
+    });
+    // SAFETY: the previous hook (or the standard function) with the query it was given.
+    unsafe {
+        match PREV_EXECUTOR_END {
+            Some(prev) => prev(query),
+            None => pg_sys::standard_ExecutorEnd(query),
         }
     }
 }
@@ -267,7 +302,19 @@ unsafe extern "C-unwind" fn xact_callback(
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
             flush()
         }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => RUNNING.with(|r| {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.clear();
+            }
+        }),
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            RUNNING.with(|r| {
+                if let Ok(mut r) = r.try_borrow_mut() {
+                    r.clear();
+                }
+            });
             // try_borrow_mut: a panic here would stop the server.
             PENDING.with(|q| {
                 if let Ok(mut q) = q.try_borrow_mut() {

@@ -811,3 +811,137 @@ def test_a_hostile_role_cannot_hold_off_a_broker_delete_beyond_its_transaction(o
     assert o.execute("DELETE FROM mqtt_broker WHERE name = 'c'").rowcount == 1
     assert outbox(su, t) == []
     assert count(su, "SELECT count(*) FROM mqtt_broker") == 0
+
+
+# ---- found by a hostile review -----------------------------------------------------------------
+
+def test_a_stable_function_inside_a_statement_never_moves_its_snapshot(conn, broker, topic):
+    """Rows queued by an expression are written when the next query starts, and that query's
+    snapshot moves past them; but a query of a STABLE function runs on the calling statement's
+    own snapshot, which must never start seeing the statement's own writes half-way."""
+    b = broker.name
+    conn.execute("SELECT mqtt_stop_listener(%s)", (b,))
+    conn.execute("CREATE TEMP TABLE log (i int)")
+    conn.execute("CREATE FUNCTION pg_temp.w(i int) RETURNS int VOLATILE LANGUAGE sql AS "
+                 "'INSERT INTO log VALUES (i) RETURNING i'")
+    conn.execute("CREATE FUNCTION pg_temp.s(x bigint) RETURNS int STABLE LANGUAGE plpgsql AS "
+                 "$$ DECLARE n int; BEGIN SELECT count(*) INTO n FROM pg_class WHERE false; RETURN 1; END $$")
+    with conn.transaction():
+        seen = conn.execute(
+            "SELECT (SELECT count(*) FROM log l WHERE l.i <= g.i) FROM generate_series(1, 4) g(i) "
+            "WHERE pg_temp.w(g.i) > 0 AND pg_temp.s(mqtt_publish(%s, 'x', 1, false, %s)) = 1", (topic, b)).fetchall()
+        assert [r[0] for r in seen] == [0, 0, 0, 0], "the statement saw its own writes"
+        assert count(conn, "SELECT count(*) FROM mqtt_outbox WHERE topic = %s", topic) == 4
+    conn.execute("CREATE TEMP TABLE t (v int, pad text)")
+    conn.execute("INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 60) g")  # 2 pages
+    with conn.transaction():
+        n = conn.execute("INSERT INTO t SELECT v + 1000, pad FROM t "
+                         "WHERE pg_temp.s(mqtt_publish(%s, v::text, 1, false, %s)) = 1", (topic, b)).rowcount
+        assert n == 60
+        conn.execute("UPDATE t SET v = v + 1 WHERE pg_temp.s(mqtt_publish(%s, v::text, 1, false, %s)) = 1",
+                     (topic, b))
+        assert count(conn, "SELECT count(*) FROM t") == 120
+    # a BEFORE trigger that publishes by assignment, under an UPDATE that calls a STABLE function
+    conn.execute("CREATE TEMP TABLE orders (id int PRIMARY KEY, status text, n int DEFAULT 0, pad text)")
+    conn.execute("INSERT INTO orders SELECT g, 'new', 0, repeat('p', 300) FROM generate_series(1, 40) g")
+    conn.execute("CREATE TEMP TABLE order_rules (status text)")
+    conn.execute("INSERT INTO order_rules VALUES ('new')")
+    conn.execute("CREATE FUNCTION pg_temp.is_open(st text) RETURNS bool STABLE LANGUAGE plpgsql AS "
+                 "$$ BEGIN RETURN EXISTS (SELECT 1 FROM order_rules r WHERE r.status = st); END $$")
+    conn.execute(f"""CREATE FUNCTION pg_temp.notify_order() RETURNS trigger LANGUAGE plpgsql AS
+        $$ DECLARE mid bigint; BEGIN mid := mqtt_publish('{topic}/' || NEW.id, NEW.status, 1, false, '{b}');
+        RETURN NEW; END $$""")
+    conn.execute("CREATE TRIGGER notify BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION pg_temp.notify_order()")
+    assert conn.execute("UPDATE orders SET n = n + 1 WHERE pg_temp.is_open(status)").rowcount == 40
+    assert count(conn, "SELECT count(*) FROM mqtt_outbox WHERE topic LIKE %s", f"{topic}/%") == 40
+
+
+def test_a_repeatable_read_delete_racing_a_publisher_fails_rather_than_leave_its_messages(conn, connect,
+                                                                                          make_broker, topic):
+    """A DBA's REPEATABLE READ transaction (as Odoo's) deletes a broker a publisher holds: once the
+    publisher commits, the delete cannot see its rows in its snapshot. As the foreign key's
+    cascade did, it fails with 40001 instead of leaving them behind (for the next broker with
+    that id to send)."""
+    x = make_broker(start=False)
+    dba = connect(autocommit=False)
+    pub = connect(autocommit=False)
+    dba_pid = backend_pid(dba)
+    dba.rollback()
+    try:
+        dba.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        dba.execute("SELECT 1 FROM mqtt_broker LIMIT 1")  # the snapshot is taken
+        publish(pub, f"{topic}/rr", "queued", x.name)
+        errors: list[Exception] = []
+
+        def delete():
+            try:
+                dba.execute("DELETE FROM mqtt_broker WHERE id = %s", (x.id,))
+            except Exception as e:  # noqa: BLE001 - inspected below
+                errors.append(e)
+
+        th = threading.Thread(target=delete)
+        th.start()
+        wait_lock_wait(conn, dba_pid)
+        pub.commit()
+        th.join(30)
+        assert not th.is_alive()
+        assert errors and isinstance(errors[0], psycopg.errors.SerializationFailure), errors
+        dba.rollback()
+        # retried, it goes through and takes the message with it
+        dba.execute("DELETE FROM mqtt_broker WHERE id = %s", (x.id,))
+        dba.commit()
+        assert outbox(conn, f"{topic}/rr") == []
+    finally:
+        end_transaction(dba)
+        end_transaction(pub)
+
+
+def test_deleting_a_broker_inside_an_exception_block_with_its_messages_outside_is_refused(conn, make_broker, topic):
+    x = make_broker(start=False)
+    with pytest.raises(psycopg.errors.ObjectInUse):
+        conn.execute(f"""DO $$ DECLARE m bigint; BEGIN
+            m := mqtt_publish('{topic}/blk', 'outside', 1, false, '{x.name}');
+            BEGIN
+                DELETE FROM mqtt_broker WHERE id = {x.id};
+            EXCEPTION WHEN division_by_zero THEN NULL;  -- a subtransaction
+            END;
+        END $$""")
+    assert count(conn, "SELECT count(*) FROM mqtt_broker WHERE id = %s", x.id) == 1
+    assert outbox(conn, f"{topic}/blk") == []
+    # outside the block it goes through, and the message goes with the broker
+    conn.execute(f"""DO $$ DECLARE m bigint; BEGIN
+        m := mqtt_publish('{topic}/blk', 'outside', 1, false, '{x.name}');
+        DELETE FROM mqtt_broker WHERE id = {x.id};
+    END $$""")
+    assert outbox(conn, f"{topic}/blk") == []
+    assert count(conn, "SELECT count(*) FROM mqtt_dead_letter WHERE topic = %s", f"{topic}/blk") == 0
+
+
+def test_commit_prepared_wakes_the_worker(pg, conn, connect, broker, mosq, topic):
+    """COMMIT PREPARED runs no commit callback of the prepared transaction: it wakes the worker
+    itself, so the message goes at once, not at the next poll (60 s here)."""
+    t = f"{topic}/2pc"
+    with mqtt_sub(mosq.port, t, qos=1) as sub:
+        conn.execute("ALTER SYSTEM SET mqtt_pg.poll_interval = '60s'")
+        try:
+            before = pg.log_text().count('parameter "mqtt_pg.poll_interval" changed to "60s"')
+            conn.execute("SELECT pg_reload_conf()")
+            wait_for(lambda: pg.log_text().count('parameter "mqtt_pg.poll_interval" changed to "60s"') > before,
+                     message="the reload")
+            publish(conn, t, "marker", broker.name)
+            sub.wait_count(1)
+            gid = unique("gid")
+            a = connect(autocommit=False)
+            try:
+                publish(a, t, "prepared", broker.name)
+                a.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
+            finally:
+                end_transaction(a)
+            committed = time.monotonic()
+            conn.execute(sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gid)))
+            sub.wait_count(2, timeout=10)
+            assert sub.times[1] - committed < 10
+        finally:
+            conn.execute("ALTER SYSTEM RESET mqtt_pg.poll_interval")
+            conn.execute("SELECT pg_reload_conf()")
+    assert sub.payloads() == [b"marker", b"prepared"]
