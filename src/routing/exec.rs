@@ -142,11 +142,10 @@ fn insertable_columns(client: &SpiClient<'_>, table: pg_sys::Oid) -> Vec<String>
 
 /// Rows going into the target table with the same columns: one INSERT.
 #[derive(Default)]
-struct Group<'a> {
-    docs: Vec<&'a str>,
-    levels: Vec<String>,
-    topics: Vec<&'a str>,
-    at: Vec<i64>,
+struct Group {
+    /// Each row's object with the topic's named levels, `topic` and `received_at` laid over it
+    /// (`mqtt_pg_core::route::overlay`).
+    docs: Vec<String>,
     ord: Vec<i64>,
 }
 
@@ -154,18 +153,15 @@ fn target(client: &mut SpiClient<'_>, r: &Route, t: &Target, ms: &[&Msg<'_>]) {
     let cols = insertable_columns(client, t.oid);
     let mut extra: Vec<&str> = r.filter.names.iter().map(|(_, n)| n.as_str()).collect();
     extra.extend(["topic", "received_at"]);
-    let mut groups: Vec<(Vec<usize>, Group<'_>)> = Vec::new();
+    let mut groups: Vec<(Vec<usize>, Group)> = Vec::new();
     for (ord, m) in ms.iter().enumerate() {
         let rows = json_rows(m.payload).unwrap_or_else(|e| {
             permanent_error(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, e)
         });
-        let levels: serde_json::Map<String, serde_json::Value> = r
-            .filter
-            .values(m.topic)
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), serde_json::Value::String(v.to_string())))
-            .collect();
-        let levels = serde_json::Value::Object(levels).to_string();
+        let received_at = mqtt_pg_core::route::rfc3339_micros(m.at_us);
+        let mut over: Vec<(&str, &str)> = r.filter.values(m.topic);
+        over.push(("topic", m.topic));
+        over.push(("received_at", &received_at));
         for row in rows {
             let filled = filled_columns(&cols, &row.keys, &extra);
             let g = match groups.iter().position(|(f, _)| *f == filled) {
@@ -175,47 +171,30 @@ fn target(client: &mut SpiClient<'_>, r: &Route, t: &Target, ms: &[&Msg<'_>]) {
                     &mut groups.last_mut().expect("just pushed").1
                 }
             };
-            g.docs.push(row.text);
-            g.levels.push(levels.clone());
-            g.topics.push(m.topic);
-            g.at.push(m.at_us);
+            g.docs.push(mqtt_pg_core::route::overlay(row.text, &over));
             g.ord.push(ord as i64);
         }
     }
     for (filled, g) in groups {
         let sql = insert_sql(&t.sql, &cols, &filled, &r.conflict);
-        if let Err(e) = client.update(
-            &sql,
-            None,
-            &[
-                g.docs.into(),
-                g.levels.into(),
-                g.topics.into(),
-                g.at.into(),
-                g.ord.into(),
-            ],
-        ) {
+        if let Err(e) = client.update(&sql, None, &[g.docs.into(), g.ord.into()]) {
             permanent_error(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string());
         }
     }
 }
 
 /// One INSERT for a group of rows with the same columns: each JSON object, with the topic's
-/// named levels, `topic` and `received_at` laid over it, through jsonb_populate_record (which
+/// named levels, `topic` and `received_at` laid over it (in Rust, see `Group`), through
+/// jsonb_populate_record (which
 /// converts every value with its column type's input function). With conflict columns an
 /// upsert, keeping the latest row per key from the batch (ON CONFLICT may not touch one row
 /// twice in a statement).
 fn insert_sql(table: &str, cols: &[String], filled: &[usize], conflict: &[String]) -> String {
     let q: Vec<String> = filled.iter().map(|i| quote_identifier(&cols[*i])).collect();
     let from = format!(
-        "FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]), \
-           pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.int8[]), \
-           pg_catalog.unnest($5::pg_catalog.int8[])) AS u(doc, lv, tp, at, ord), \
-         LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, \
-           u.doc::pg_catalog.jsonb OPERATOR(pg_catalog.||) u.lv::pg_catalog.jsonb \
-           OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('topic', u.tp, 'received_at', \
-             'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
-             (u.at::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval))) AS r"
+        "FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[])) \
+           AS u(doc, ord), \
+         LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, u.doc::pg_catalog.jsonb) AS r"
     );
     if q.is_empty() {
         return format!("INSERT INTO {table} SELECT {from}");
