@@ -157,50 +157,6 @@ def run_proc(cmd: list[str], timeout: float, stdout: Any = subprocess.PIPE) -> s
                                        err.decode(errors="replace") if err else "")
 
 
-class CountingPublisher:
-    """A paho publisher that counts its publishes and the broker's acknowledgements without
-    keeping a record of each (harness.SeqPublisher keeps one per message; a soak sends millions)."""
-
-    def __init__(self, port: int):
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=unique("soakpub"),
-                                  protocol=mqtt.MQTTv311, clean_session=True)
-        self.client.max_inflight_messages_set(0)
-        self.client.max_queued_messages_set(0)
-        self.port = port
-        self.sent = 0
-        self.acked = 0  # written by paho's network thread only
-        self._connected = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else self._connected.set()
-        self.client.on_publish = self._on_publish
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties):
-        self.acked += 1
-
-    def connect(self) -> "CountingPublisher":
-        self.client.connect(harness.HOST, self.port, keepalive=30)
-        self.client.loop_start()
-        if not self._connected.wait(10):
-            self.close()
-            raise RuntimeError(f"paho could not connect to port {self.port}")
-        return self
-
-    def publish(self, topic: str, payload: str, qos: int) -> None:
-        info = self.client.publish(topic, payload, qos)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise RuntimeError(f"paho publish failed: {mqtt.error_string(info.rc)}")
-        self.sent += 1
-
-    def wait_all_acked(self, timeout: float) -> None:
-        wait_for(lambda: self.acked >= self.sent, timeout=timeout, interval=0.05,
-                 message=f"the broker to acknowledge all {self.sent:,} publishes (acked: {self.acked:,})")
-
-    def close(self) -> None:
-        try:
-            self.client.disconnect()
-        finally:
-            self.client.loop_stop()
-
-
 # ----------------------------------------------------------------------------------------------
 # worker memory
 
@@ -438,8 +394,8 @@ class Bench:
             pub.connect()
             window = 20_000  # paho's packet ids are 16 bits
             for i in range(n):
-                if qos and len(pub.infos) - pub.acked() >= window:
-                    wait_for(lambda: len(pub.infos) - pub.acked() < window // 2, timeout=120, interval=0.005,
+                if qos and pub.sent - pub.acked() >= window:
+                    wait_for(lambda: pub.sent - pub.acked() < window // 2, timeout=120, interval=0.005,
                              message="the broker to acknowledge publishes")
                 pub.publish(topic, payload(i), qos)
             if qos == 0:
@@ -791,7 +747,7 @@ class Bench:
         stop = threading.Event()
         errors: list[str] = []
         counts = {"in": 0, "out": 0}
-        pub = CountingPublisher(self.mosq.port).connect()
+        pub = SeqPublisher(self.mosq.port).connect()
 
         def paced(step: Callable[[int], None]) -> None:
             next_at, k = time.monotonic(), 0
@@ -805,7 +761,7 @@ class Bench:
                 errors.append(f"{type(e).__name__}: {e}")
 
         def ingest_step(k: int) -> None:
-            if pub.sent - pub.acked > 20_000:
+            if pub.sent - pub.acked() > 20_000:
                 raise RuntimeError("the broker stopped acknowledging the ingest publisher")
             for j in range(per_tick):
                 pub.publish("bench/soak/in/data", seq_payload(counts["in"], PAYLOAD_BYTES), 1)

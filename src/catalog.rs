@@ -1,14 +1,15 @@
 //! Catalog look-ups the extension needs: its own schema, and the list of databases.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
 use crate::errors;
 
-/// What the extension's catalog rows say, kept per backend.
-#[derive(Clone)]
+/// What the extension's catalog rows say, kept per backend (shared by reference: the hot
+/// paths ask for it on every call).
 pub struct Installed {
     pub oid: pg_sys::Oid,
     /// Quoted, for building schema-qualified SQL.
@@ -37,7 +38,7 @@ pub struct Stamp {
 
 thread_local! {
     /// Keyed by oid so a DROP/CREATE EXTENSION is noticed.
-    static SCHEMA: RefCell<Option<Installed>> = const { RefCell::new(None) };
+    static SCHEMA: RefCell<Option<Rc<Installed>>> = const { RefCell::new(None) };
     /// The stamp under which SCHEMA was last confirmed.
     static CONFIRMED: Cell<Option<Stamp>> = const { Cell::new(None) };
     /// Counts transaction ends, so stamps of two transactions never compare equal.
@@ -88,12 +89,12 @@ pub fn stamp() -> Stamp {
 /// The quoted schema mqtt_pg is installed in, for building schema-qualified SQL: a caller's
 /// search_path must never change what the extension runs. None if it is not installed here.
 pub fn extension_schema() -> Option<String> {
-    installed().map(|i| i.schema)
+    installed().map(|i| i.schema.clone())
 }
 
 /// The extension's oid and quoted schema, if it is installed in this database.
 pub fn extension() -> Option<(pg_sys::Oid, String)> {
-    installed().map(|i| (i.oid, i.schema))
+    installed().map(|i| (i.oid, i.schema.clone()))
 }
 
 /// The role that owns the extension (and so its tables): the superuser who created it.
@@ -102,7 +103,7 @@ pub fn extension_owner() -> pg_sys::Oid {
 }
 
 /// The extension's catalog facts, or an error saying it is not installed in this database.
-pub fn installed_or_raise() -> Installed {
+pub fn installed_or_raise() -> Rc<Installed> {
     installed().unwrap_or_else(|| {
         errors::raise(
             errors::NOT_IN_PREREQUISITE_STATE,
@@ -113,7 +114,7 @@ pub fn installed_or_raise() -> Installed {
 }
 
 /// The extension's catalog facts, if it is installed here; looked up once per statement.
-pub fn installed() -> Option<Installed> {
+pub fn installed() -> Option<Rc<Installed>> {
     let now = stamp();
     if CONFIRMED.get() == Some(now) {
         if let Some(hit) = SCHEMA.with(|c| c.borrow().clone()) {
@@ -142,12 +143,12 @@ pub fn installed() -> Option<Installed> {
     let (Some(name), Some(owner)) = (row.0, row.1) else {
         return None;
     };
-    let hit = Installed {
+    let hit = Rc::new(Installed {
         oid,
         schema: quote_identifier(name),
         owner,
         outbox_seq: row.2.unwrap_or(pg_sys::InvalidOid),
-    };
+    });
     SCHEMA.with(|c| *c.borrow_mut() = Some(hit.clone()));
     CONFIRMED.set(Some(now));
     Some(hit)

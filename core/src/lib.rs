@@ -12,3 +12,4 @@ pub mod secret;
 pub mod template;
 pub mod tls;
 pub mod topic;
+pub mod utc;

@@ -98,31 +98,6 @@ pub fn overlay(object: &str, extra: &[(&str, &str)]) -> String {
     out
 }
 
-/// Microseconds since the Unix epoch as an RFC 3339 UTC timestamp with six decimals, which
-/// timestamptz reads exactly.
-pub fn rfc3339_micros(us: i64) -> String {
-    let secs = us.div_euclid(1_000_000);
-    let micros = us.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // civil_from_days (Howard Hinnant): the proleptic Gregorian date of a day count
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,20 +130,6 @@ mod tests {
             "{ \n \"k\": \"v\", \"j\": \"w\"}"
         );
         assert_eq!(overlay(r#"{"a":[1,{"b":2}]}"#, &[]), r#"{"a":[1,{"b":2}]}"#);
-    }
-
-    #[test]
-    fn rfc3339_micros_known_instants() {
-        assert_eq!(rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(
-            rfc3339_micros(951_782_400_000_001),
-            "2000-02-29T00:00:00.000001Z"
-        );
-        assert_eq!(
-            rfc3339_micros(1_796_173_200_123_456),
-            "2026-12-02T01:00:00.123456Z"
-        );
-        assert_eq!(rfc3339_micros(-1), "1969-12-31T23:59:59.999999Z");
     }
 
     #[test]

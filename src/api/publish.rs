@@ -12,7 +12,7 @@ use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
 use crate::security::access::{self, Operation};
 use crate::triggers::pending;
-use crate::{catalog, gucs, wake};
+use crate::{catalog, gucs};
 
 /// Queue a text payload (sent as its UTF-8 bytes).
 #[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
@@ -76,23 +76,15 @@ pub fn publish(
     // as the extension's owner, so the caller needs no privilege on mqtt_outbox.
     access::require(topic, Operation::Publish);
     let broker_id = broker::id_for_publish(broker);
-    let outbox_seq = catalog::installed_or_raise().outbox_seq;
-    // SAFETY: nextval of the extension's own sequence; no permission check, as the row is
-    // written as the extension's owner.
-    let id = unsafe { pending::nextval_internal(outbox_seq, false) };
     // Queued, not inserted: the statement's messages reach mqtt_outbox in one INSERT when it
     // ends (see `triggers::pending`), which is what makes a bulk publish cost about what an
     // INSERT ... SELECT of the same rows costs.
-    pending::push(pending::Pending {
-        // SAFETY: a plain read of the transaction state.
-        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
-        id,
+    pending::queue(
+        catalog::installed_or_raise().outbox_seq,
         broker_id,
-        topic: topic.to_owned(),
-        payload: payload.to_vec(),
-        qos: qos as i16,
+        topic.to_owned(),
+        payload.to_vec(),
+        qos as i16,
         retain,
-    });
-    wake::queued_at_commit(id);
-    id
+    )
 }

@@ -158,7 +158,7 @@ fn target(client: &mut SpiClient<'_>, r: &Route, t: &Target, ms: &[&Msg<'_>]) {
         let rows = json_rows(m.payload).unwrap_or_else(|e| {
             permanent_error(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, e)
         });
-        let received_at = mqtt_pg_core::route::rfc3339_micros(m.at_us);
+        let received_at = mqtt_pg_core::utc::rfc3339_micros(m.at_us);
         let mut over: Vec<(&str, &str)> = r.filter.values(m.topic);
         over.push(("topic", m.topic));
         over.push(("received_at", &received_at));

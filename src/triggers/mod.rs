@@ -21,7 +21,7 @@ use pgrx::{PgMemoryContexts, PgRelation};
 use crate::api::broker;
 use crate::errors::{self, INVALID_PARAMETER, PROGRAM_LIMIT};
 use crate::security::access::{self, Operation};
-use crate::{catalog, gucs, wake};
+use crate::{catalog, gucs};
 
 /// What fills one placeholder.
 enum Fill {
@@ -80,12 +80,8 @@ impl ToJson {
 
     /// SAFETY: `value` is a non-NULL datum of the type this was made for.
     unsafe fn json(&self, setup: &Setup, value: pg_sys::Datum) -> String {
-        // SAFETY: output functions and to_jsonb/jsonb_out return palloc'd C strings.
-        let out = |f: *mut pg_sys::FmgrInfo| unsafe {
-            CStr::from_ptr(pg_sys::OutputFunctionCall(f, value))
-                .to_string_lossy()
-                .into_owned()
-        };
+        // SAFETY: the output function set up for the value's type.
+        let out = |f: *mut pg_sys::FmgrInfo| unsafe { output(f, value) };
         match self {
             ToJson::Integer(f) => out(*f),
             ToJson::Numeric(f) => {
@@ -100,20 +96,26 @@ impl ToJson {
             ToJson::Text(f) => json_string(&out(*f)),
             ToJson::ToJsonb(f) => {
                 // SAFETY: to_jsonb set up with this column's type; jsonb_out on its result.
-                let jb = unsafe { pg_sys::FunctionCall1Coll(*f, pg_sys::InvalidOid, value) };
-                out_jsonb(setup, jb)
+                unsafe {
+                    let jb = pg_sys::FunctionCall1Coll(*f, pg_sys::InvalidOid, value);
+                    output(setup.jsonb_out, jb)
+                }
             }
         }
     }
 }
 
-fn out_jsonb(setup: &Setup, jb: pg_sys::Datum) -> String {
-    // SAFETY: jsonb_out on a jsonb datum returns a palloc'd C string.
-    unsafe {
-        CStr::from_ptr(pg_sys::OutputFunctionCall(setup.jsonb_out, jb))
-            .to_string_lossy()
-            .into_owned()
-    }
+/// A value's text through an output function (`f` set up for its type).
+/// SAFETY: `value` is a non-NULL datum of the type `f` outputs.
+unsafe fn output(f: *mut pg_sys::FmgrInfo, value: pg_sys::Datum) -> String {
+    // SAFETY: output functions return a palloc'd C string.
+    unsafe { cstring(pg_sys::OutputFunctionCall(f, value)) }
+}
+
+/// SAFETY: `s` is a NUL-terminated C string.
+unsafe fn cstring(s: *const std::ffi::c_char) -> String {
+    // SAFETY: as the caller promises.
+    unsafe { CStr::from_ptr(s).to_string_lossy().into_owned() }
 }
 
 /// Everything the trigger works out once per statement (kept in the function's `fn_extra`).
@@ -441,14 +443,13 @@ impl Row {
         }
         // SAFETY: the column type's cast to text, or its output function, with its value.
         unsafe {
-            let text = match setup.output[i]? {
-                ToText::Cast(f) => pg_sys::text_to_cstring(
+            Some(match setup.output[i]? {
+                ToText::Cast(f) => cstring(pg_sys::text_to_cstring(
                     pg_sys::FunctionCall1Coll(f, pg_sys::DEFAULT_COLLATION_OID, self.values[i])
                         .cast_mut_ptr(),
-                ),
-                ToText::Output(f) => pg_sys::OutputFunctionCall(f, self.values[i]),
-            };
-            Some(CStr::from_ptr(text).to_string_lossy().into_owned())
+                )),
+                ToText::Output(f) => output(f, self.values[i]),
+            })
         }
     }
 }
@@ -561,20 +562,14 @@ fn publish_row(setup: &Setup, op: &str, new: Option<&Row>, old: Option<&Row>) {
         );
     }
     access::require(&topic, Operation::Publish);
-    // SAFETY: nextval of the extension's own sequence, found when the statement began; no
-    // permission check, as the row is written as the extension's owner.
-    let id = unsafe { pending::nextval_internal(setup.outbox_seq, false) };
-    pending::push(pending::Pending {
-        // SAFETY: a plain read of the transaction state.
-        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
-        id,
-        broker_id: setup.broker_id,
+    pending::queue(
+        setup.outbox_seq,
+        setup.broker_id,
         topic,
-        payload: payload.into_bytes(),
-        qos: setup.qos,
-        retain: setup.retain,
-    });
-    wake::queued_at_commit(id);
+        payload.into_bytes(),
+        setup.qos,
+        setup.retain,
+    );
 }
 
 #[unsafe(no_mangle)]

@@ -27,21 +27,21 @@ use crate::{catalog, plans, security};
 
 // commands/sequence.h, which pgrx does not bind.
 unsafe extern "C-unwind" {
-    pub fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
-/// One message queued by a row trigger.
-pub struct Pending {
-    pub subxact: pg_sys::SubTransactionId,
+/// One message queued by `mqtt_publish` or a row trigger.
+struct Pending {
+    subxact: pg_sys::SubTransactionId,
     /// The outbox id, taken when the message is queued: the outbox is sent in id order, so
     /// the messages keep the order of the changes and `mqtt_publish` calls, whenever the rows
     /// are written (a row queued in an enclosing subtransaction waits for it).
-    pub id: i64,
-    pub broker_id: i32,
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: i16,
-    pub retain: bool,
+    id: i64,
+    broker_id: i32,
+    topic: String,
+    payload: Vec<u8>,
+    qos: i16,
+    retain: bool,
 }
 
 /// Write the buffer out once it holds this many messages or payload bytes.
@@ -81,8 +81,40 @@ pub fn init() {
     }
 }
 
-/// Queue one message; writes the buffer out when it is full.
-pub fn push(p: Pending) {
+/// Queue one message for `mqtt_outbox` (its checks done by the caller) and have the worker
+/// woken when the transaction commits; returns its outbox id. `outbox_seq` is
+/// `mqtt_outbox_id_seq` (see `catalog::Installed`).
+pub fn queue(
+    outbox_seq: pg_sys::Oid,
+    broker_id: i32,
+    topic: String,
+    payload: Vec<u8>,
+    qos: i16,
+    retain: bool,
+) -> i64 {
+    // SAFETY: nextval of the extension's own sequence; no permission check, as the row is
+    // written as the extension's owner. The subtransaction id is a plain read.
+    let (id, subxact) = unsafe {
+        (
+            nextval_internal(outbox_seq, false),
+            pg_sys::GetCurrentSubTransactionId(),
+        )
+    };
+    push(Pending {
+        subxact,
+        id,
+        broker_id,
+        topic,
+        payload,
+        qos,
+        retain,
+    });
+    crate::wake::queued_at_commit(id);
+    id
+}
+
+/// Keep one message; writes the buffer out when it is full.
+fn push(p: Pending) {
     let full = PENDING.with(|q| {
         let mut q = q.borrow_mut();
         BYTES.set(BYTES.get() + p.payload.len() + p.topic.len());

@@ -794,8 +794,9 @@ class PersistentSub(MqttSub):
 class SeqPublisher:
     """An independent paho publisher with a persistent session (clean_session=False, fixed client
     id) that survives broker restarts: paho keeps every QoS 1/2 message until the broker
-    acknowledges it and resends the unacknowledged ones after reconnecting. `infos` tracks each
-    publish; wait_all_acked() waits until the broker acknowledged all of them."""
+    acknowledges it and resends the unacknowledged ones after reconnecting. `sent` counts the
+    publishes (only a count: a soak sends millions); wait_all_acked() waits until the broker
+    acknowledged all of them."""
 
     def __init__(self, port: int, client_id: str | None = None, host: str = HOST, max_inflight: int = 0):
         self.port = port
@@ -807,7 +808,7 @@ class SeqPublisher:
         self.client.reconnect_delay_set(1, 2)
         self._connected = threading.Event()
         self.connects = 0
-        self.infos: list[mqtt.MQTTMessageInfo] = []
+        self.sent = 0
         self._acked = 0
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self._connected.clear()
@@ -832,14 +833,14 @@ class SeqPublisher:
     def publish(self, topic: str, payload: str | bytes, qos: int = 1) -> None:
         info = self.client.publish(topic, payload, qos)
         assert info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN), f"publish failed: {info.rc}"
-        self.infos.append(info)
+        self.sent += 1
 
     def publish_seq(self, topic: str, numbers: range, qos: int = 1, pad: int = 0, window: int = 20_000) -> None:
         """Publish seq_payload(i, pad) for every i, keeping at most `window` unacknowledged (paho's
         packet ids are 16 bits: never have 65,535 outstanding)."""
         for i in numbers:
-            if len(self.infos) - self._acked >= window:
-                wait_for(lambda: len(self.infos) - self._acked < window // 2, timeout=120, interval=0.005,
+            if self.sent - self._acked >= window:
+                wait_for(lambda: self.sent - self._acked < window // 2, timeout=120, interval=0.005,
                          message="the broker to acknowledge publishes")
             self.publish(topic, seq_payload(i, pad), qos)
 
@@ -849,8 +850,8 @@ class SeqPublisher:
         return self._acked
 
     def wait_all_acked(self, timeout: float = 60) -> None:
-        wait_for(lambda: self.acked() >= len(self.infos), timeout=timeout, interval=0.05,
-                 message=f"the broker to acknowledge all {len(self.infos)} publishes (acked: {self.acked()})")
+        wait_for(lambda: self.acked() >= self.sent, timeout=timeout, interval=0.05,
+                 message=f"the broker to acknowledge all {self.sent} publishes (acked: {self.acked()})")
 
     def close(self) -> None:
         try:

@@ -871,21 +871,11 @@ def test_a_repeatable_read_delete_racing_a_publisher_fails_rather_than_leave_its
         dba.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         dba.execute("SELECT 1 FROM mqtt_broker LIMIT 1")  # the snapshot is taken
         publish(pub, f"{topic}/rr", "queued", x.name)
-        errors: list[Exception] = []
-
-        def delete():
-            try:
-                dba.execute("DELETE FROM mqtt_broker WHERE id = %s", (x.id,))
-            except Exception as e:  # noqa: BLE001 - inspected below
-                errors.append(e)
-
-        th = threading.Thread(target=delete)
-        th.start()
+        deleter = InThread(lambda: dba.execute("DELETE FROM mqtt_broker WHERE id = %s", (x.id,)))
         wait_lock_wait(conn, dba_pid)
         pub.commit()
-        th.join(30)
-        assert not th.is_alive()
-        assert errors and isinstance(errors[0], psycopg.errors.SerializationFailure), errors
+        deleter.join()
+        assert isinstance(deleter.error, psycopg.errors.SerializationFailure), repr(deleter.error)
         dba.rollback()
         # retried, it goes through and takes the message with it
         dba.execute("DELETE FROM mqtt_broker WHERE id = %s", (x.id,))
@@ -945,3 +935,20 @@ def test_commit_prepared_wakes_the_worker(pg, conn, connect, broker, mosq, topic
             conn.execute("ALTER SYSTEM RESET mqtt_pg.poll_interval")
             conn.execute("SELECT pg_reload_conf()")
     assert sub.payloads() == [b"marker", b"prepared"]
+
+
+def test_neither_a_hostile_role_nor_the_owner_may_call_the_cascade_or_cut_an_outbox_short(owned_db, mosq, topic):
+    """_mqtt_broker_cascade (the foreign key's replacement) is the extension's own: EXECUTE is
+    revoked from PUBLIC, so neither a role with a publish rule nor the database's owner can
+    call it to delete queued messages; deleting a broker (the owner's right) is the way."""
+    o, role, h = hostile_setup(owned_db, mosq, topic, start=False)
+    t = f"{topic}/cascade"
+    h.execute("SELECT mqtt_publish(%s, 'kept', 1, false, 'b')", (t,))
+    [bid] = o.execute("SELECT id FROM mqtt_broker WHERE name = 'b'").fetchone()
+    for c in (h, o):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT _mqtt_broker_cascade(ARRAY[%s])", (bid,))
+    with owned_db.su() as su:
+        # Even called by a superuser it deletes only rows of brokers that no longer exist.
+        su.execute("SELECT _mqtt_broker_cascade(ARRAY[%s])", (bid,))
+        assert su.execute("SELECT count(*) FROM mqtt_outbox WHERE topic = %s", (t,)).fetchone()[0] == 1
