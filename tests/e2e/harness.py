@@ -26,7 +26,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# The PostgreSQL under test: Debian's 15 by default; ./dev test runs the suite again with
+# MQTT_PG_PG_BIN pointing at PostgreSQL 18's bin/ (scripts/setup.sh installs both).
+PG_BIN = Path(os.environ.get("MQTT_PG_PG_BIN", "/usr/lib/postgresql/15/bin"))
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"
 MOSQUITTO_SUB = "/usr/bin/mosquitto_sub"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from harness import HOST, unique
+from harness import HOST, PG_BIN, unique
 
 
 def test_dump_and_restore_keep_configuration_and_queued_messages(pg, mosq):
@@ -23,7 +23,7 @@ def test_dump_and_restore_keep_configuration_and_queued_messages(pg, mosq):
             c.execute("SELECT mqtt_subscribe('plant/#', 1)")
             c.execute("SELECT mqtt_publish('plant/cmd', 'queued', 1)")
         dump = subprocess.run(
-            ["/usr/lib/postgresql/15/bin/pg_dump", "-h", HOST, "-p", str(pg.port), "-U", "postgres", src],
+            [str(PG_BIN / "pg_dump"), "-h", HOST, "-p", str(pg.port), "-U", "postgres", src],
             check=True, capture_output=True, text=True, timeout=60).stdout
         subprocess.run(
             ["/usr/bin/psql", "-h", HOST, "-p", str(pg.port), "-U", "postgres", "-d", dst,

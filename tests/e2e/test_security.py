@@ -12,9 +12,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness import HOST, Mosquitto, mqtt_sub, unique, wait_for, wait_status
+from harness import HOST, PG_BIN, Mosquitto, mqtt_sub, unique, wait_for, wait_status
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
 SECRET = "Sup3r-s3cret-pw!"
 
 
