@@ -7,6 +7,37 @@ FROM @extschema@.mqtt_message_history h;
 COMMENT ON VIEW @extschema@.mqtt_message_history_text IS
   'mqtt_message_history plus payload_text: the payload as text when it is valid UTF-8, else NULL.';
 
+-- API: Public. One row per broker, pg_stat_* style, for polling (see src/api/status.rs for
+-- why it stays cheap with millions of rows queued). security_invoker: it shows the brokers the
+-- caller may read, with the caller's privileges, never the view owner's.
+CREATE VIEW @extschema@.mqtt_broker_status WITH (security_invoker = true) AS
+SELECT b.id AS broker_id,
+       b.name,
+       s OPERATOR(pg_catalog.->>) 'status' AS status,
+       b.active,
+       (s OPERATOR(pg_catalog.->>) 'since')::timestamptz AS since,
+       s OPERATOR(pg_catalog.->>) 'last_error' AS last_error,
+       (s OPERATOR(pg_catalog.->>) 'last_error_at')::timestamptz AS last_error_at,
+       (s OPERATOR(pg_catalog.->>) 'reconnects')::bigint AS reconnects,
+       (s OPERATOR(pg_catalog.->>) 'messages_received')::bigint AS messages_in,
+       (s OPERATOR(pg_catalog.->>) 'messages_sent')::bigint AS messages_out,
+       (s OPERATOR(pg_catalog.->>) 'bytes_received')::bigint AS bytes_in,
+       (s OPERATOR(pg_catalog.->>) 'bytes_sent')::bigint AS bytes_out,
+       (s OPERATOR(pg_catalog.->>) 'received_per_second')::double precision AS messages_in_per_sec,
+       (s OPERATOR(pg_catalog.->>) 'sent_per_second')::double precision AS messages_out_per_sec,
+       (s OPERATOR(pg_catalog.->>) 'last_received_at')::timestamptz AS last_message_in_at,
+       (s OPERATOR(pg_catalog.->>) 'last_sent_at')::timestamptz AS last_message_out_at,
+       (s OPERATOR(pg_catalog.->>) 'outbox_depth')::bigint AS outbox_depth,
+       (s OPERATOR(pg_catalog.->>) 'outbox_depth_exact')::boolean AS outbox_depth_exact,
+       pg_catalog.make_interval(secs => (s OPERATOR(pg_catalog.->>) 'outbox_oldest_age_s')::double precision) AS outbox_oldest_age,
+       (s OPERATOR(pg_catalog.->>) 'dead_letters')::bigint AS dead_letters,
+       s OPERATOR(pg_catalog.->>) 'client_id' AS client_id,
+       (s OPERATOR(pg_catalog.->>) 'worker_pid')::integer AS worker_pid
+FROM @extschema@.mqtt_broker b
+CROSS JOIN LATERAL @extschema@.mqtt_status(b.name) s;
+COMMENT ON VIEW @extschema@.mqtt_broker_status IS
+  'One row per broker: connection state since when, last error, reconnects, messages and bytes in and out since the worker started, rates over the last minute, outbox depth (exact up to 10000, estimated above) and the age of its oldest row, dead letters, client id, worker pid.';
+
 -- API: Public. jsonb payloads are sent as jsonb's own text form.
 CREATE FUNCTION @extschema@.mqtt_publish(topic text, payload jsonb, qos integer DEFAULT 0,
                                          retain boolean DEFAULT false, broker text DEFAULT NULL)
@@ -341,6 +372,163 @@ COMMENT ON FUNCTION @extschema@.mqtt_check_permission(name, text, text) IS
 COMMENT ON FUNCTION @extschema@.mqtt_payload_text(bytea) IS
   'The payload as text when it is valid UTF-8 without NUL bytes, else NULL.';
 
+-- API: Private. What keeping mqtt_message_history's daily partitions needs now (the worker
+-- carries it out, src/history.rs): 'create' today's partition and the next days_ahead days'
+-- (UTC) that are missing; with keep (the retention), 'drop' every range partition whose rows
+-- are all older than at - keep, and 'empty' the default partition once all of its rows are.
+-- Whole partitions only, never row by row. Reads, changes nothing.
+CREATE FUNCTION @extschema@._mqtt_history_plan(keep interval, days_ahead integer DEFAULT 3,
+                                               at timestamptz DEFAULT pg_catalog.now())
+RETURNS TABLE (action text, part text, lo timestamptz, hi timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parent pg_catalog.regclass := '@extschema@.mqtt_message_history'::pg_catalog.regclass;
+    today date := (at AT TIME ZONE 'UTC')::date;
+    cutoff timestamptz := at OPERATOR(pg_catalog.-) keep;
+    day date;
+    p record;
+BEGIN
+    IF keep IS NOT NULL AND keep OPERATOR(pg_catalog.<=) '0'::interval THEN
+        RAISE EXCEPTION 'retention must be longer than zero, not %', keep USING ERRCODE = '22023';
+    END IF;
+    FOR i IN 0 .. COALESCE(days_ahead, 3) LOOP
+        day := today OPERATOR(pg_catalog.+) i;
+        part := 'mqtt_message_history_' OPERATOR(pg_catalog.||) pg_catalog.to_char(day, 'YYYYMMDD');
+        lo := day::timestamp AT TIME ZONE 'UTC';
+        hi := (day OPERATOR(pg_catalog.+) 1)::timestamp AT TIME ZONE 'UTC';
+        CONTINUE WHEN pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part)) IS NOT NULL;
+        CONTINUE WHEN cutoff OPERATOR(pg_catalog.>=) hi;
+        -- A day the default partition already holds rows of (stored before the worker first
+        -- ran, or dated ahead by hand) stays there: a partition for it could not be attached.
+        CONTINUE WHEN EXISTS (SELECT FROM @extschema@.mqtt_message_history_default h
+                              WHERE h."timestamp" OPERATOR(pg_catalog.>=) lo
+                                AND h."timestamp" OPERATOR(pg_catalog.<) hi);
+        -- A partition made by hand may already cover part of the day: leave the day to it.
+        CONTINUE WHEN EXISTS (
+            SELECT FROM pg_catalog.pg_inherits i
+            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
+            WHERE i.inhparent OPERATOR(pg_catalog.=) parent
+              AND NOT (COALESCE(@extschema@._mqtt_partition_bound(c.oid, 'TO') OPERATOR(pg_catalog.<=) lo, false)
+                       OR COALESCE(@extschema@._mqtt_partition_bound(c.oid, 'FROM') OPERATOR(pg_catalog.>=) hi, false))
+              AND pg_catalog.pg_get_expr(c.relpartbound, c.oid) OPERATOR(pg_catalog.<>) 'DEFAULT');
+        action := 'create';
+        RETURN NEXT;
+    END LOOP;
+    IF keep IS NULL THEN
+        RETURN;
+    END IF;
+    FOR p IN SELECT c.relname::text AS name, @extschema@._mqtt_partition_bound(c.oid, 'FROM') AS lower,
+                    @extschema@._mqtt_partition_bound(c.oid, 'TO') AS upper
+             FROM pg_catalog.pg_inherits i
+             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
+             WHERE i.inhparent OPERATOR(pg_catalog.=) parent
+             ORDER BY 3 LOOP
+        CONTINUE WHEN p.upper IS NULL OR p.upper OPERATOR(pg_catalog.>) cutoff;
+        action := 'drop';
+        part := p.name;
+        lo := p.lower;
+        hi := p.upper;
+        RETURN NEXT;
+    END LOOP;
+    IF EXISTS (SELECT FROM @extschema@.mqtt_message_history_default)
+       AND NOT EXISTS (SELECT FROM @extschema@.mqtt_message_history_default h
+                       WHERE h."timestamp" OPERATOR(pg_catalog.>=) cutoff) THEN
+        action := 'empty';
+        part := 'mqtt_message_history_default';
+        lo := NULL;
+        hi := NULL;
+        RETURN NEXT;
+    END IF;
+END
+$$;
+
+-- API: Private. Make one day's partition of mqtt_message_history, owned and granted like the
+-- table. Called by src/history.rs with the session marked as running the extension's script,
+-- so the partition is a member of the extension and a configuration table: pg_dump then dumps
+-- its rows (and not its definition), and a restore into a database that lacks the day makes it
+-- on the way (the COPY hook in src/ddl.rs).
+CREATE FUNCTION @extschema@._mqtt_history_partition_create(part text, lo timestamptz, hi timestamptz)
+RETURNS void LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parent pg_catalog.regclass := '@extschema@.mqtt_message_history'::pg_catalog.regclass;
+    owner pg_catalog.oid := (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) parent);
+    g record;
+BEGIN
+    IF part IS NULL OR part OPERATOR(pg_catalog.!~) '^mqtt_message_history_[0-9]{8}$' THEN
+        RAISE EXCEPTION 'not a name of a daily partition of mqtt_message_history: %', part USING ERRCODE = '22023';
+    END IF;
+    EXECUTE pg_catalog.format('CREATE TABLE @extschema@.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)',
+                              part, parent, lo, hi);
+    EXECUTE pg_catalog.format('ALTER TABLE @extschema@.%I OWNER TO %I', part, pg_catalog.pg_get_userbyid(owner));
+    -- Whoever may read or write the table directly may do the same with its partitions
+    -- (pg_dump and a restore work on the partitions).
+    FOR g IN SELECT a.privilege_type, a.grantee, a.is_grantable
+             FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+             WHERE c.oid OPERATOR(pg_catalog.=) parent AND a.grantee OPERATOR(pg_catalog.<>) owner LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON @extschema@.%I TO %s%s', g.privilege_type, part,
+            CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+    PERFORM pg_catalog.pg_extension_config_dump(
+        ('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part))::pg_catalog.regclass, '');
+END
+$$;
+
+-- API: Private. Drop one partition of mqtt_message_history (retention): out of the extension
+-- first (and so out of its configuration tables), then the table.
+CREATE FUNCTION @extschema@._mqtt_history_partition_drop(part text)
+RETURNS void LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel pg_catalog.regclass := pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part));
+BEGIN
+    IF rel IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.pg_inherits i
+                                  WHERE i.inhrelid OPERATOR(pg_catalog.=) rel
+                                    AND i.inhparent OPERATOR(pg_catalog.=) '@extschema@.mqtt_message_history'::pg_catalog.regclass) THEN
+        RAISE EXCEPTION 'not a partition of mqtt_message_history: %', part USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_depend d
+               WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                 AND d.objid OPERATOR(pg_catalog.=) rel AND d.deptype OPERATOR(pg_catalog.=) 'e') THEN
+        EXECUTE pg_catalog.format('ALTER EXTENSION mqtt_pg DROP TABLE %s', rel);
+    END IF;
+    EXECUTE pg_catalog.format('DROP TABLE %s', rel);
+END
+$$;
+
+-- API: Private. The FROM or TO bound of a range partition of mqtt_message_history (NULL for the
+-- default partition and for MINVALUE/MAXVALUE).
+CREATE FUNCTION @extschema@._mqtt_partition_bound(part pg_catalog.oid, side text)
+RETURNS timestamptz LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid),
+                                side OPERATOR(pg_catalog.||) ' \(''([^'']*)''\)')::timestamptz
+    FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) part
+$$;
+
+-- API: Private. Deletes dead letters older than now() - keep, at most batch rows a call (the
+-- worker calls again while it deletes a full batch). Returns how many it deleted.
+CREATE FUNCTION @extschema@._mqtt_dead_letter_expire(keep interval, batch integer DEFAULT 10000)
+RETURNS bigint LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM @extschema@.mqtt_dead_letter d
+        WHERE d.id OPERATOR(pg_catalog.=) ANY (ARRAY(
+            SELECT o.id FROM @extschema@.mqtt_dead_letter o
+            WHERE o."timestamp" OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) keep)
+            ORDER BY o."timestamp" LIMIT batch))
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM gone
+$$;
+
 -- The configuration trigger wakes the worker on behalf of whoever edited the tables; the wake
 -- function itself is internal.
 -- PostgreSQL checks EXECUTE on a trigger function only at CREATE TRIGGER, so revoking it keeps
@@ -351,6 +539,11 @@ ALTER FUNCTION @extschema@._mqtt_broker_deleted() SECURITY DEFINER;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_deleted() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_cascade(integer[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_pg_wake(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_history_plan(interval, integer, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_history_partition_create(text, timestamptz, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_history_partition_drop(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_partition_bound(pg_catalog.oid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@._mqtt_dead_letter_expire(interval, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_broker_id(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_password(text, text, integer, text, boolean, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@._mqtt_seal_client_key(text, text) FROM PUBLIC;
@@ -388,8 +581,9 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_broker TO %I WITH GRANT OPTION', owner);
     EXECUTE pg_catalog.format('GRANT UPDATE (%s) ON @extschema@.mqtt_broker TO %I WITH GRANT OPTION', writable, owner);
     EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.mqtt_topic, @extschema@.mqtt_access_control TO %I WITH GRANT OPTION', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_outbox, @extschema@.mqtt_message_history, @extschema@.mqtt_dead_letter TO %I WITH GRANT OPTION', owner);
-    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.mqtt_message_history_text TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON @extschema@.mqtt_outbox, @extschema@.mqtt_message_history, '
+                              '@extschema@.mqtt_message_history_default, @extschema@.mqtt_dead_letter TO %I WITH GRANT OPTION', owner);
+    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.mqtt_message_history_text, @extschema@.mqtt_broker_status TO %I WITH GRANT OPTION', owner);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.mqtt_requeue_dead_letter(bigint), @extschema@.mqtt_requeue_dead_letters(text) TO %I WITH GRANT OPTION', owner);
     EXECUTE pg_catalog.format('GRANT USAGE, SELECT, UPDATE ON SEQUENCE @extschema@.mqtt_broker_id_seq, @extschema@.mqtt_topic_id_seq, '
                               '@extschema@.mqtt_outbox_id_seq, @extschema@.mqtt_message_history_id_seq, '

@@ -18,6 +18,21 @@ pub struct Installed {
     pub owner: pg_sys::Oid,
     /// mqtt_outbox_id_seq: messages take their outbox id when queued (see triggers::pending).
     pub outbox_seq: pg_sys::Oid,
+    /// `pg_extension.extversion`: the version of the SQL objects, which lags behind this
+    /// library's own between installing a new release and `ALTER EXTENSION mqtt_pg UPDATE`.
+    pub version: String,
+}
+
+/// The version of the SQL objects this library is built for (Cargo.toml's, as in the install
+/// script's name `mqtt_pg--VERSION.sql`).
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl Installed {
+    /// Do the SQL objects match this library? While they do not, the library must not touch
+    /// them: tables, columns and functions may differ from what its code expects.
+    pub fn current(&self) -> bool {
+        self.version == LIBRARY_VERSION
+    }
 }
 
 /// One statement of one (sub)transaction, as far as this backend's own changes go: a look-up
@@ -86,12 +101,6 @@ pub fn stamp() -> Stamp {
     }
 }
 
-/// The quoted schema mqtt_pg is installed in, for building schema-qualified SQL: a caller's
-/// search_path must never change what the extension runs. None if it is not installed here.
-pub fn extension_schema() -> Option<String> {
-    installed().map(|i| i.schema.clone())
-}
-
 /// The extension's oid and quoted schema, if it is installed in this database.
 pub fn extension() -> Option<(pg_sys::Oid, String)> {
     installed().map(|i| (i.oid, i.schema.clone()))
@@ -102,15 +111,37 @@ pub fn extension_owner() -> pg_sys::Oid {
     installed_or_raise().owner
 }
 
-/// The extension's catalog facts, or an error saying it is not installed in this database.
+/// The extension's catalog facts, or an error saying it is not installed in this database or
+/// that its SQL objects are of another version than this library (see [`require_current`]).
 pub fn installed_or_raise() -> Rc<Installed> {
-    installed().unwrap_or_else(|| {
+    let installed = installed().unwrap_or_else(|| {
         errors::raise(
             errors::NOT_IN_PREREQUISITE_STATE,
             "extension \"mqtt_pg\" is not installed in this database",
             Some("Run CREATE EXTENSION mqtt_pg;"),
         )
-    })
+    });
+    require_current(&installed);
+    installed
+}
+
+/// Refuse to run this library's code against SQL objects of another version: after a new
+/// release is installed (and the server restarted), the old version's functions call into the
+/// new library until `ALTER EXTENSION mqtt_pg UPDATE`. Install and update scripts may call it
+/// meanwhile: they are what brings the objects up to date.
+pub fn require_current(installed: &Installed) {
+    // SAFETY: a plain read of a backend global.
+    if installed.current() || unsafe { pg_sys::creating_extension } {
+        return;
+    }
+    errors::raise(
+        errors::NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "extension \"mqtt_pg\" is at version {} in this database, but the installed library is version {LIBRARY_VERSION}",
+            installed.version
+        ),
+        Some("Run ALTER EXTENSION mqtt_pg UPDATE; (the worker sends and receives nothing until then)."),
+    )
 }
 
 /// The extension's catalog facts, if it is installed here; looked up once per statement.
@@ -127,27 +158,44 @@ pub fn installed() -> Option<Rc<Installed>> {
         CONFIRMED.set(None);
         return None;
     }
-    if let Some(hit) = SCHEMA.with(|c| c.borrow().as_ref().filter(|i| i.oid == oid).cloned()) {
+    // A cached look-up of another version is read again: ALTER EXTENSION UPDATE keeps the oid.
+    if let Some(hit) = SCHEMA.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|i| i.oid == oid && i.current())
+            .cloned()
+    }) {
         CONFIRMED.set(Some(now));
         return Some(hit);
     }
-    let row = Spi::get_three_with_args::<String, pg_sys::Oid, pg_sys::Oid>(
-        "SELECT n.nspname::text, e.extowner, \
-           pg_catalog.to_regclass(pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.mqtt_outbox_id_seq')::pg_catalog.oid \
+    let row = Spi::connect(|client| {
+        let rows = client
+            .select(
+                "SELECT n.nspname::text, e.extowner, \
+           pg_catalog.to_regclass(pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.mqtt_outbox_id_seq')::pg_catalog.oid, \
+           e.extversion \
          FROM pg_catalog.pg_extension e \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
          WHERE e.oid OPERATOR(pg_catalog.=) $1",
-        &[oid.into()],
-    )
-    .ok()?;
-    let (Some(name), Some(owner)) = (row.0, row.1) else {
-        return None;
-    };
+                Some(1),
+                &[oid.into()],
+            )
+            .ok()?;
+        let row = rows.first();
+        Some((
+            row.get::<String>(1).ok().flatten()?,
+            row.get::<pg_sys::Oid>(2).ok().flatten()?,
+            row.get::<pg_sys::Oid>(3).ok().flatten(),
+            row.get::<String>(4).ok().flatten().unwrap_or_default(),
+        ))
+    })?;
+    let (name, owner, seq, version) = row;
     let hit = Rc::new(Installed {
         oid,
         schema: quote_identifier(name),
         owner,
-        outbox_seq: row.2.unwrap_or(pg_sys::InvalidOid),
+        outbox_seq: seq.unwrap_or(pg_sys::InvalidOid),
+        version,
     });
     SCHEMA.with(|c| *c.borrow_mut() = Some(hit.clone()));
     CONFIRMED.set(Some(now));
@@ -169,15 +217,10 @@ pub fn is_extension_relation(rel: pg_sys::Oid) -> bool {
     .unwrap_or(true)
 }
 
-/// The schema, or an error saying the extension is not installed in this database.
+/// The schema, or an error saying the extension is not installed in this database (or not
+/// at this library's version).
 pub fn schema() -> String {
-    extension_schema().unwrap_or_else(|| {
-        errors::raise(
-            errors::NOT_IN_PREREQUISITE_STATE,
-            "extension \"mqtt_pg\" is not installed in this database",
-            Some("Run CREATE EXTENSION mqtt_pg;"),
-        )
-    })
+    installed_or_raise().schema.clone()
 }
 
 /// Databases a worker may connect to, read straight from the shared catalog `pg_database`: the

@@ -239,6 +239,7 @@ unsafe extern "C-unwind" fn process_utility(
     // SAFETY: as above.
     unsafe {
         guard_extension_schema((*pstmt).utilityStmt);
+        crate::history::before_copy((*pstmt).utilityStmt);
         if let Some(db) = exclusive_database((*pstmt).utilityStmt) {
             step_aside(db);
         }

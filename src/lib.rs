@@ -8,6 +8,7 @@ mod catalog;
 mod ddl;
 mod errors;
 mod gucs;
+mod history;
 mod launcher;
 mod plans;
 mod routing;

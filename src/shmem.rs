@@ -4,6 +4,7 @@
 //! threads; backends read it for `mqtt_status()` and take the lock briefly at commit to wake a
 //! worker. Nothing here is durable: after a restart the launcher and workers rebuild it.
 
+use mqtt_pg_core::rate::RateWindow;
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -61,8 +62,16 @@ pub struct BrokerSlot {
     pub last_error_len: u16,
     pub last_error_at_us: i64,
     pub reconnects: u64,
+    /// Messages and payload bytes stored (received) and delivered (sent) since the worker
+    /// started, and when the last of each was.
     pub received: u64,
     pub sent: u64,
+    pub received_bytes: u64,
+    pub sent_bytes: u64,
+    pub last_received_us: i64,
+    pub last_sent_us: i64,
+    pub received_rate: RateWindow,
+    pub sent_rate: RateWindow,
 }
 
 impl BrokerSlot {
@@ -76,7 +85,32 @@ impl BrokerSlot {
         reconnects: 0,
         received: 0,
         sent: 0,
+        received_bytes: 0,
+        sent_bytes: 0,
+        last_received_us: 0,
+        last_sent_us: 0,
+        received_rate: RateWindow::EMPTY,
+        sent_rate: RateWindow::EMPTY,
     };
+
+    /// Count messages stored (`received`) or delivered, `bytes` of payload in all, at `now_us`.
+    pub fn count(&mut self, received: bool, n: u64, bytes: u64, now_us: i64) {
+        if n == 0 {
+            return;
+        }
+        let second = now_us.div_euclid(1_000_000);
+        if received {
+            self.received += n;
+            self.received_bytes += bytes;
+            self.last_received_us = now_us;
+            self.received_rate.add(second, n);
+        } else {
+            self.sent += n;
+            self.sent_bytes += bytes;
+            self.last_sent_us = now_us;
+            self.sent_rate.add(second, n);
+        }
+    }
 
     pub fn set_error(&mut self, msg: &str, at_us: i64) {
         let n = floor_char_boundary(msg, ERROR_LEN);

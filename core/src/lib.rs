@@ -7,6 +7,8 @@ pub mod backoff;
 pub mod batch;
 pub mod client_id;
 pub mod engine;
+pub mod interval;
+pub mod rate;
 pub mod route;
 pub mod secret;
 pub mod template;

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod listener;
 pub mod publish;
+pub mod status;
 pub mod subscribe;
 
 use pgrx::prelude::*;

@@ -10,6 +10,7 @@
 
 mod config;
 mod hung;
+mod maintenance;
 mod outbox;
 mod store;
 pub(crate) mod subxact;
@@ -121,6 +122,12 @@ struct Worker {
     routes: crate::routing::Routes,
     /// Left by a predecessor that routing held past its hard limit.
     held: store::Held,
+    /// History partitions and retention (see `maintenance`).
+    maintenance: maintenance::Schedule,
+    /// The extension's version in this database when it is not this library's (a new release
+    /// installed, `ALTER EXTENSION mqtt_pg UPDATE` not yet run): the worker then keeps no
+    /// connection and touches no table until it is.
+    stale_version: Option<String>,
 }
 
 #[pg_guard]
@@ -210,6 +217,8 @@ pub extern "C-unwind" fn mqtt_pg_worker_main(arg: pg_sys::Datum) {
             }
             store::Held { message, alone }
         },
+        maintenance: Default::default(),
+        stale_version: None,
     };
     hung::init();
     let why = worker.run(&wake_rx);
@@ -373,6 +382,8 @@ impl Worker {
             if BackgroundWorker::sighup_received() {
                 // SAFETY: reloading the configuration file is what SIGHUP asks for.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                // The retention settings may have changed.
+                self.maintenance.soon();
             }
             pgrx::check_for_interrupts!();
             drain(wake_rx);
@@ -412,6 +423,10 @@ impl Worker {
             let progressed = self.process_events();
             if self.retry.is_none() && (tick || progressed) {
                 self.send_outbox();
+            }
+            if self.stale_version.is_none() && self.retry.is_none() && self.maintenance.due() {
+                maintenance::run(&self.schema, self.dboid);
+                self.maintenance.ran();
             }
             // A background worker reports its table statistics only when asked to: without
             // this, pg_stat_user_tables would not show what it stored until it exits.
@@ -482,6 +497,23 @@ impl Worker {
         {
             f(b);
         }
+    }
+
+    /// With mqtt_pg.log_connections, one LOG line for a connection event of a broker.
+    fn log_connection(&self, broker_id: i32, what: &str) {
+        if !gucs::LOG_CONNECTIONS.get() {
+            return;
+        }
+        let name = self
+            .brokers
+            .get(&broker_id)
+            .and_then(|b| b.config.as_ref())
+            .map(|c| c.name.as_str())
+            .unwrap_or("?");
+        log!(
+            "mqtt_pg broker \"{name}\" (id {broker_id}) in database {}: {what}",
+            self.dboid
+        );
     }
 
     /// The broker's connection is gone, for `error`.
@@ -565,6 +597,7 @@ impl Worker {
                             s.reconnects += 1;
                         }
                     });
+                    self.log_connection(broker_id, "connected");
                     progressed = true;
                 }
                 Event::ConnectionLost {
@@ -595,6 +628,7 @@ impl Worker {
                             }
                         }
                     }
+                    self.log_connection(broker_id, &format!("disconnected: {error}"));
                     self.mark_disconnected(broker_id, &error, now);
                 }
                 Event::Failed { broker_id, error } => {
@@ -658,11 +692,15 @@ impl Worker {
         self.held.alone = self.held.alone.saturating_sub(outcome.alone_used);
         // Committed: now, and only now, the broker may forget these messages.
         self.engine.ack(outcome.acks);
-        for (broker_id, (received, sent)) in outcome.counts {
+        let now = shmem::now_us();
+        for (broker_id, t) in outcome.counts {
             self.with_status(broker_id, |s| {
-                s.received += received;
-                s.sent += sent;
+                s.count(true, t.received, t.received_bytes, now);
+                s.count(false, t.sent, t.sent_bytes, now);
             });
+        }
+        for line in outcome.log {
+            log!("{line}");
         }
         true
     }
@@ -672,16 +710,38 @@ impl Worker {
     fn reload_config(&mut self) -> bool {
         let extension = self.extension;
         let Some(loaded) = BackgroundWorker::transaction(|| {
-            let (oid, schema) = catalog::extension()?;
-            (oid == extension).then(|| {
-                let routes = Spi::connect(|client| crate::routing::load(client, &schema, None));
-                outbox::set_aside_orphans(&schema);
-                (config::load(&schema), routes)
-            })
+            let installed = catalog::installed()?;
+            if installed.oid != extension {
+                return None;
+            }
+            if !installed.current() {
+                return Some(Err(installed.version.clone()));
+            }
+            let schema = &installed.schema;
+            let routes = Spi::connect(|client| crate::routing::load(client, schema, None));
+            outbox::set_aside_orphans(schema);
+            Some(Ok((config::load(schema), routes)))
         }) else {
             return false;
         };
-        let (loaded, routes) = loaded;
+        let (loaded, routes) = match loaded {
+            Ok(loaded) => {
+                if let Some(old) = self.stale_version.take() {
+                    log!(
+                        "mqtt_pg worker for database {}: the extension was updated from version {old} \
+                         to {}; resuming",
+                        self.dboid,
+                        catalog::LIBRARY_VERSION
+                    );
+                    self.maintenance.soon();
+                }
+                loaded
+            }
+            Err(version) => {
+                self.idle_for_update(version);
+                return true;
+            }
+        };
         self.routes = routes;
         let now = shmem::now_us();
         // Brokers no longer active: forget them and their status.
@@ -754,6 +814,30 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// The SQL objects are of another version than this library: close every connection and
+    /// wait (polling) for `ALTER EXTENSION mqtt_pg UPDATE`. Nothing queued is lost: the outbox
+    /// keeps its rows and the brokers keep the persistent sessions' messages meanwhile.
+    fn idle_for_update(&mut self, version: String) {
+        if self.stale_version.as_deref() != Some(version.as_str()) {
+            warning!(
+                "mqtt_pg worker for database {}: the extension is at version {version} in this \
+                 database but the library is version {}; sending and receiving wait for \
+                 ALTER EXTENSION mqtt_pg UPDATE",
+                self.dboid,
+                catalog::LIBRARY_VERSION
+            );
+        }
+        self.stale_version = Some(version);
+        if !self.brokers.is_empty() {
+            let now = shmem::now_us();
+            self.engine.set_brokers(Vec::new());
+            let ids: Vec<i32> = self.brokers.drain().map(|(id, _)| id).collect();
+            for id in ids {
+                self.mark_disconnected(id, "waiting for ALTER EXTENSION mqtt_pg UPDATE", now);
+            }
+        }
     }
 
     /// Hand newly committed outbox rows of every connected broker to the engine.

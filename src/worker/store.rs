@@ -47,17 +47,53 @@ pub struct Batch {
     pub rejected: Vec<(i64, String)>,
 }
 
-/// What a stored batch changed: per broker (received, sent), and the acknowledgements the
-/// broker may have once the transaction has committed. (Dead letters are counted from their
-/// table by mqtt_status.)
+/// Messages and payload bytes one batch stored (received) and recorded as delivered (sent)
+/// for one broker.
+#[derive(Default, Clone, Copy)]
+pub struct Traffic {
+    pub received: u64,
+    pub received_bytes: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+}
+
+/// What a stored batch changed: per broker traffic, and the acknowledgements the broker may
+/// have once the transaction has committed. (Dead letters are counted from their table by
+/// mqtt_broker_status.) With mqtt_pg.log_messages, one line per message, logged once the
+/// batch has committed.
 #[derive(Default)]
 pub struct Outcome {
-    pub counts: HashMap<i32, (u64, u64)>,
+    pub counts: HashMap<i32, Traffic>,
+    pub log: Vec<String>,
     pub acks: Vec<Ack>,
     /// The message that held the previous worker was met (and set aside).
     pub held_met: bool,
     /// How many of the messages to route one by one this batch took.
     pub alone_used: u32,
+}
+
+impl Outcome {
+    /// A received message is in history: count it, and have it acknowledged after commit.
+    fn stored(&mut self, m: &InMessage) {
+        let t = self.counts.entry(m.broker_id).or_default();
+        t.received += 1;
+        t.received_bytes += m.payload.len() as u64;
+        if crate::gucs::LOG_MESSAGES.get() {
+            self.log.push(message_line(
+                m.broker_id,
+                "received",
+                &m.topic,
+                m.payload.len(),
+                m.qos,
+            ));
+        }
+        self.acks.extend(m.ack);
+    }
+}
+
+/// One mqtt_pg.log_messages line: never the payload, only its size.
+pub fn message_line(broker_id: i32, direction: &str, topic: &str, size: usize, qos: u8) -> String {
+    format!("mqtt_pg broker {broker_id} {direction} topic \"{topic}\" ({size} bytes, QoS {qos})")
 }
 
 /// What a worker stopped by the hard routing limit left for this one (see `hung`).
@@ -133,14 +169,12 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes, held: &Held) -> Outco
         }
         for one in &alone {
             for m in store_chunk(client, schema, std::slice::from_ref(one), &mut refused) {
-                outcome.counts.entry(m.broker_id).or_default().0 += 1;
-                outcome.acks.extend(m.ack);
+                outcome.stored(m);
             }
         }
         for chunk in chunks_by_size(&routed, MAX_BATCH_BYTES, |(m, _)| m.payload.len()) {
             for m in store_chunk(client, schema, chunk, &mut refused) {
-                outcome.counts.entry(m.broker_id).or_default().0 += 1;
-                outcome.acks.extend(m.ack);
+                outcome.stored(m);
             }
         }
         for (m, error) in refused {
@@ -396,9 +430,10 @@ fn move_delivered(
     delivered: &[(i32, i64, Option<u16>)],
     outcome: &mut Outcome,
 ) {
-    let moved = subxact::run(|| move_to_history(client, schema, delivered));
-    let brokers = match moved {
-        Ok(brokers) => brokers,
+    let log = crate::gucs::LOG_MESSAGES.get();
+    let moved = subxact::run(|| move_to_history(client, schema, delivered, log));
+    let rows = match moved {
+        Ok(rows) => rows,
         Err(e) => {
             let e = permanent(e);
             let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
@@ -410,23 +445,53 @@ fn move_delivered(
             let result = client.update(
                 &format!(
                     "DELETE FROM {schema}.mqtt_outbox \
-                     WHERE id OPERATOR(pg_catalog.=) ANY ($1) RETURNING broker_id"
+                     WHERE id OPERATOR(pg_catalog.=) ANY ($1) \
+                     RETURNING broker_id, pg_catalog.octet_length(payload)::pg_catalog.int8, \
+                       CASE WHEN $2 THEN topic END, qos"
                 ),
                 None,
-                &[ids.into()],
+                &[ids.into(), log.into()],
             );
             match result {
-                Ok(rows) => rows
-                    .filter_map(|r| r.get::<i32>(1).ok().flatten())
-                    .collect(),
+                Ok(rows) => rows.map(|r| Sent::from_row(&r)).collect(),
                 Err(e) => {
                     error!("mqtt_pg could not remove delivered messages from mqtt_outbox: {e}")
                 }
             }
         }
     };
-    for b in brokers {
-        outcome.counts.entry(b).or_default().1 += 1;
+    for r in rows {
+        let t = outcome.counts.entry(r.broker_id).or_default();
+        t.sent += 1;
+        t.sent_bytes += r.bytes;
+        if let Some(topic) = r.topic {
+            outcome.log.push(message_line(
+                r.broker_id,
+                "delivered",
+                &topic,
+                r.bytes as usize,
+                r.qos,
+            ));
+        }
+    }
+}
+
+/// One delivered row as it left the outbox; the topic only when it is to be logged.
+struct Sent {
+    broker_id: i32,
+    bytes: u64,
+    topic: Option<String>,
+    qos: u8,
+}
+
+impl Sent {
+    fn from_row(r: &pgrx::spi::SpiHeapTupleData<'_>) -> Sent {
+        Sent {
+            broker_id: r.get::<i32>(1).ok().flatten().unwrap_or(0),
+            bytes: r.get::<i64>(2).ok().flatten().unwrap_or(0).max(0) as u64,
+            topic: r.get::<String>(3).ok().flatten(),
+            qos: r.get::<i16>(4).ok().flatten().unwrap_or(0).clamp(0, 2) as u8,
+        }
     }
 }
 
@@ -434,7 +499,8 @@ fn move_to_history(
     client: &mut SpiClient<'_>,
     schema: &str,
     delivered: &[(i32, i64, Option<u16>)],
-) -> Vec<i32> {
+    log: bool,
+) -> Vec<Sent> {
     let ids: Vec<i64> = delivered.iter().map(|d| d.1).collect();
     let pkids: Vec<Option<i32>> = delivered.iter().map(|d| d.2.map(i32::from)).collect();
     let Some(extension) = crate::catalog::extension().map(|(oid, _)| oid) else {
@@ -443,6 +509,7 @@ fn move_to_history(
     let types = [
         PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
         PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID),
+        PgOid::BuiltIn(PgBuiltInOids::BOOLOID),
     ];
     let sql = || {
         format!(
@@ -453,19 +520,18 @@ fn move_to_history(
              INSERT INTO {schema}.mqtt_message_history \
                (broker_id, topic, payload, qos, retain, direction, message_id) \
              SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id \
-             RETURNING broker_id"
+             RETURNING broker_id, pg_catalog.octet_length(payload)::pg_catalog.int8, \
+               CASE WHEN $3 THEN topic END, qos"
         )
     };
     plans::with_plan(
         client,
         extension,
-        "move_to_history",
+        "move_to_history_v2",
         &types,
         sql,
-        |client, stmt| match client.update(stmt, None, &[ids.into(), pkids.into()]) {
-            Ok(rows) => rows
-                .filter_map(|r| r.get::<i32>(1).ok().flatten())
-                .collect(),
+        |client, stmt| match client.update(stmt, None, &[ids.into(), pkids.into(), log.into()]) {
+            Ok(rows) => rows.map(|r| Sent::from_row(&r)).collect(),
             Err(e) => error!("mqtt_pg could not record delivered messages: {e}"),
         },
     )

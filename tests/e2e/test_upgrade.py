@@ -1,0 +1,195 @@
+"""Upgrading: 0.1.0 (the release before security, integration and operations) to 0.2.0 with
+ALTER EXTENSION mqtt_pg UPDATE while the worker runs.
+
+0.1.0's install script ships in the extension directory (scripts/setup.sh puts it there), so a
+database can be made at 0.1.0 with the current library. That library refuses to act on 0.1.0's
+objects (55000, and its worker sends nothing) until the update; then nothing may be lost, the
+queued messages must go out, and the schema must equal a fresh 0.2.0 install.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import subprocess
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from harness import HOST, PG_BIN, PgCluster, mqtt_sub, unique, wait_for, wait_status
+
+QUEUED = 500
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = PgCluster(preload=True).init()
+    c.start()
+    yield c
+    c.destroy()
+
+
+def db(cluster, name: str) -> psycopg.Connection:
+    return cluster.connect(name)
+
+
+def schema_dump(cluster, dbname: str) -> str:
+    """pg_dump --schema-only, less what differs between any two databases (comments, SET lines,
+    the restrict keys of PostgreSQL 17+)."""
+    out = subprocess.run([str(PG_BIN / "pg_dump"), "-h", HOST, "-p", str(cluster.port), "-U", "postgres",
+                          "--schema-only", "--no-owner",
+                          # the daily partitions depend on the data (no partition for a day
+                          # the default partition already holds rows of), not on the install
+                          "--exclude-table=*.mqtt_message_history_2*", dbname],
+                         check=True, capture_output=True, text=True).stdout
+    lines = [ln for ln in out.splitlines()
+             if ln.strip() and not ln.startswith("--") and not ln.startswith("SET ")
+             and not ln.startswith("SELECT pg_catalog.set_config") and not ln.startswith("\\restrict")
+             and not ln.startswith("\\unrestrict")]
+    return "\n".join(lines)
+
+
+def catalog_facts(conn) -> dict:
+    """What pg_dump does not show: extension members and config tables, by name (less the
+    daily partitions, which follow the data)."""
+    members = conn.execute(
+        "SELECT pg_describe_object(classid, objid, objsubid) FROM pg_depend "
+        "WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'mqtt_pg') AND deptype = 'e' "
+        "ORDER BY 1").fetchall()
+    members = [m for m in members if not re.match(r"table mqtt_message_history_\d{8}$", m[0])]
+    config = conn.execute(
+        "SELECT array_agg(c::regclass::text ORDER BY c::regclass::text), extversion "
+        "FROM pg_extension, unnest(extconfig) c WHERE extname = 'mqtt_pg' "
+        "AND c::regclass::text !~ '^mqtt_message_history_[0-9]{8}$' GROUP BY extversion").fetchone()
+    return {"members": [m[0] for m in members], "config": config}
+
+
+def day_partitions(conn) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'mqtt_message_history'::regclass AND c.relname ~ '_[0-9]{8}$'").fetchall()}
+
+
+def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
+    mosq = mosquitto_factory()
+    old, fresh = unique("up"), unique("fresh")
+    cluster.create_database(old)
+    cluster.create_database(fresh)
+    topic = f"upgrade/{unique('t')}"
+    with db(cluster, old) as c:
+        c.execute("CREATE EXTENSION mqtt_pg VERSION '0.1.0'")
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.1.0"
+        # what a 0.1.0 installation holds: brokers (one with a plain-text password, as 0.1.0
+        # stored it), subscriptions, queued messages, history and dead letters
+        c.execute("INSERT INTO mqtt_broker (id, name, host, port, active, is_default) VALUES (7, 'plant', %s, %s, true, true)",
+                  (HOST, mosq.port))
+        c.execute("INSERT INTO mqtt_broker (id, name, host, port, username, password) "
+                  "VALUES (9, 'spare', 'mqtt.example', 1883, 'odoo', 's3cret')")
+        c.execute("SELECT setval('mqtt_broker_id_seq', 9)")
+        c.execute("INSERT INTO mqtt_topic (broker_id, name, qos, subscribe) VALUES (7, %s, 1, true), (9, 'x/#', 0, true)",
+                  (f"{topic}/in/#",))
+        c.execute("INSERT INTO mqtt_outbox (broker_id, topic, payload, qos) "
+                  "SELECT 7, %s, convert_to('m' || i, 'UTF8'), 1 FROM generate_series(1, %s) i", (f"{topic}/out", QUEUED))
+        c.execute("INSERT INTO mqtt_message_history (broker_id, topic, payload, qos, direction, \"timestamp\") "
+                  "SELECT 7, %s, '\\x00ff'::bytea, 0, 'receive', now() - i * interval '1 hour' FROM generate_series(1, 300) i",
+                  (f"{topic}/old",))
+        c.execute("INSERT INTO mqtt_dead_letter (broker_id, topic, payload, qos, direction, error) "
+                  "VALUES (7, %s, 'dead', 1, 'send', 'refused')", (f"{topic}/dead",))
+        before = {t: c.execute(f"SELECT count(*), coalesce(sum(hashtext(t::text)), 0) FROM {t} t").fetchone()
+                  for t in ("mqtt_outbox", "mqtt_message_history", "mqtt_dead_letter")}
+        history_ids = c.execute("SELECT array_agg(id ORDER BY id) FROM mqtt_message_history").fetchone()[0]
+        outbox_ids = c.execute("SELECT array_agg(id ORDER BY id) FROM mqtt_outbox").fetchone()[0]
+
+        # the new library refuses to act on 0.1.0's objects, and says what to do
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as e:
+            c.execute("SELECT mqtt_publish('a/b', 'x')")
+        assert "ALTER EXTENSION mqtt_pg UPDATE" in (e.value.diag.message_hint or "")
+        wait_for(lambda: "is at version 0.1.0 in this database but the library is version 0.2.0"
+                 in cluster.log_text(), message="the worker's warning")
+        assert cluster.worker_pids(old), "the worker runs (idle) before the update"
+        assert c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == QUEUED, "nothing sent before the update"
+
+    sub = mqtt_sub(mosq.port, f"{topic}/out", qos=1)
+    try:
+        with db(cluster, old) as c:
+            c.execute("ALTER EXTENSION mqtt_pg UPDATE")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.2.0"
+            assert cluster.worker_pids(old), "the worker ran through the update"
+            # the queued messages go out, once each, in order
+            sub.wait_count(QUEUED, timeout=60)
+            got = [p.decode() for p in sub.payloads()]
+            assert got == [f"m{i}" for i in range(1, QUEUED + 1)]
+            wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == 0,
+                     message="the outbox emptied")
+            sent_ids = c.execute("SELECT count(*) FROM mqtt_message_history WHERE direction = 'send' AND topic = %s",
+                                 (f"{topic}/out",)).fetchone()[0]
+            assert sent_ids == QUEUED
+            # history and dead letters kept, ids included
+            assert c.execute("SELECT array_agg(id ORDER BY id) FROM mqtt_message_history WHERE direction = 'receive' "
+                             "AND topic = %s", (f"{topic}/old",)).fetchone()[0] == history_ids
+            for t in ("mqtt_message_history", "mqtt_dead_letter"):
+                if t == "mqtt_message_history":
+                    now = c.execute("SELECT count(*), coalesce(sum(hashtext(t::text)), 0) FROM mqtt_message_history t "
+                                    "WHERE NOT (direction = 'send' AND topic = %s)", (f"{topic}/out",)).fetchone()
+                else:
+                    now = c.execute(f"SELECT count(*), coalesce(sum(hashtext(t::text)), 0) FROM {t} t").fetchone()
+                assert now == before[t], t
+            # brokers and secrets: the plain-text password is sealed, write-only now
+            b = c.execute("SELECT password, has_password, username FROM mqtt_broker WHERE name = 'spare'").fetchone()
+            assert b == (None, True, "odoo")
+            assert c.execute("SELECT nextval('mqtt_broker_id_seq')").fetchone()[0] == 10
+            assert c.execute("SELECT nextval('mqtt_outbox_id_seq')").fetchone()[0] > max(outbox_ids)
+            topics = c.execute("SELECT broker_id, name, qos, subscribe, owner_role FROM mqtt_topic ORDER BY id").fetchall()
+            assert [t[:4] for t in topics] == [(7, f"{topic}/in/#", 1, True), (9, "x/#", 0, True)]
+            assert all(t[4] == "postgres" for t in topics), "routing runs as the database owner"
+            # the subscription works: a message in is stored
+            wait_status(c, "plant", "connected")
+            c.execute("SELECT mqtt_publish(%s, 'after', 1)", (f"{topic}/in/x",))
+            wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s AND direction = 'receive'",
+                                       (f"{topic}/in/x",)).fetchone()[0] == 1, message="a message received after the update")
+            # the old tables are gone
+            assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname = '_mqtt_pg_0_1_0'").fetchone()[0] == 0
+    finally:
+        sub.close()
+
+    with db(cluster, fresh) as c:
+        c.execute("CREATE EXTENSION mqtt_pg")
+    with db(cluster, old) as a, db(cluster, fresh) as b:
+        # the worker keeps making daily partitions after the update
+        wait_for(lambda: len(day_partitions(a)) >= 3, message="daily partitions in the upgraded database")
+        assert catalog_facts(a) == catalog_facts(b)
+    upgraded, installed = schema_dump(cluster, old), schema_dump(cluster, fresh)
+    diff = "\n".join(difflib.unified_diff(installed.splitlines(), upgraded.splitlines(), "fresh 0.2.0", "upgraded",
+                                          lineterm="", n=1))
+    assert upgraded == installed, f"the upgraded schema differs from a fresh install:\n{diff}"
+
+
+def test_upgrade_refuses_when_own_views_depend(cluster):
+    name = unique("upv")
+    cluster.create_database(name)
+    with db(cluster, name) as c:
+        c.execute("CREATE EXTENSION mqtt_pg VERSION '0.1.0'")
+        c.execute("CREATE VIEW my_history AS SELECT id, topic FROM mqtt_message_history")
+        with pytest.raises(psycopg.errors.DependentObjectsStillExist) as e:
+            c.execute("ALTER EXTENSION mqtt_pg UPDATE")
+        assert "my_history" in e.value.diag.message_primary
+        assert "Drop them" in (e.value.diag.message_hint or "")
+        # nothing changed
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.1.0"
+        c.execute("DROP VIEW my_history")
+        c.execute("ALTER EXTENSION mqtt_pg UPDATE")
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.2.0"
+
+
+def test_upgrade_script_is_current():
+    """The committed update script holds the install script of this build (see
+    scripts/make_upgrade.py): a schema change without regenerating it fails here."""
+    share = subprocess.run([str(PG_BIN / "pg_config"), "--sharedir"], check=True, capture_output=True,
+                           text=True).stdout.strip()
+    from pathlib import Path
+    install = (Path(share) / "extension" / "mqtt_pg--0.2.0.sql").read_text()
+    update = (Path(share) / "extension" / "mqtt_pg--0.1.0--0.2.0.sql").read_text()
+    assert install in update, "run scripts/make_upgrade.py after changing 0.2.0's SQL"
+    assert (Path(share) / "extension" / "mqtt_pg--0.1.0.sql").exists()
+    assert re.search(r"DROP SCHEMA _mqtt_pg_0_1_0;", update)
