@@ -102,8 +102,9 @@ PAYLOAD_BYTES = 100
 PAYLOAD = ("bench payload " + "x" * PAYLOAD_BYTES)[:PAYLOAD_BYTES]
 PG_CONF = "fsync = on\nshared_buffers = 256MB"
 MOSQUITTO_CONF = "queue_qos0_messages true"
-PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
-SO_PATH = Path("/usr/lib/postgresql/15/lib/mqtt_pg.so")
+# the PostgreSQL under test is harness.PG_BIN's (MQTT_PG_PG_BIN, default Debian's 15)
+PGBENCH = str(harness.PG_BIN / "pgbench")
+SO_PATH = harness.pkglibdir() / "mqtt_pg.so"
 MIB = 1024 * 1024
 STALL = 60.0  # seconds without progress before a drain counts as failed
 

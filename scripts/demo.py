@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / ".local"
 PGDATA = LOCAL / "pg"
 STATE = LOCAL / "state.json"
-PG_CTL = "/usr/lib/postgresql/15/bin/pg_ctl"
+# The same PostgreSQL as tests/e2e/harness.py (which starts the demo's cluster): MQTT_PG_PG_BIN,
+# default Debian's 15.
+PG_BIN = Path(os.environ.get("MQTT_PG_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PG_CTL = str(PG_BIN / "pg_ctl")
 # A database of its own, as an Odoo database would be (mqtt_pg runs one worker per database).
 DEMO_DB = "mqtt_demo"
 BROKER = "local"
@@ -133,7 +136,7 @@ def up() -> int:
         print("the demo is half up: stopping it first")
         down()
 
-    pkglibdir = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--pkglibdir"],
+    pkglibdir = subprocess.run([str(PG_BIN / "pg_config"), "--pkglibdir"],
                                capture_output=True, text=True, check=True).stdout.strip()
     if not Path(pkglibdir, "mqtt_pg.so").exists():
         print(f"mqtt_pg is not installed ({pkglibdir}/mqtt_pg.so is missing): run ./dev setup", file=sys.stderr)

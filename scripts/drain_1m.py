@@ -260,7 +260,7 @@ def main() -> int:
 
     try:
         # -- servers -------------------------------------------------------------------------
-        so = Path("/usr/lib/postgresql/15/lib/mqtt_pg.so")
+        so = harness.pkglibdir() / "mqtt_pg.so"
         log(f"mqtt_pg.so built {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(so.stat().st_mtime))}"
             if so.exists() else "mqtt_pg.so not found (is the extension installed?)")
         pg = PgCluster(preload=True, extra_conf=args.pg_conf.replace("\\n", "\n")).init()

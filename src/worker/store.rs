@@ -35,6 +35,35 @@ unsafe extern "C-unwind" {
     fn die(signal: std::ffi::c_int);
 }
 
+/// Make SIGTERM PostgreSQL's `die` (while a subscriber's code runs); returns what
+/// `sigterm_restore` puts back.
+#[cfg(not(feature = "pg18"))]
+unsafe fn sigterm_die() -> pg_sys::pqsigfunc {
+    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(die)) }
+}
+
+#[cfg(not(feature = "pg18"))]
+unsafe fn sigterm_restore(previous: pg_sys::pqsigfunc) {
+    unsafe { pg_sys::pqsignal(libc::SIGTERM, previous) };
+}
+
+/// PostgreSQL 18's pqsignal (`pqsignal_be`) no longer returns the previous handler: the one to
+/// put back is the worker's own, which pgrx attached at start (worker/mod.rs).
+#[cfg(feature = "pg18")]
+struct WorkerSigterm;
+
+#[cfg(feature = "pg18")]
+unsafe fn sigterm_die() -> WorkerSigterm {
+    unsafe { pg_sys::pqsignal_be(libc::SIGTERM, Some(die)) };
+    WorkerSigterm
+}
+
+#[cfg(feature = "pg18")]
+unsafe fn sigterm_restore(_: WorkerSigterm) {
+    use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+}
+
 thread_local! {
     /// The last chunk's routing ran into mqtt_pg.route_timeout.
     static TIMED_OUT: Cell<bool> = const { Cell::new(false) };
@@ -306,7 +335,7 @@ fn insert_and_route(client: &mut SpiClient<'_>, schema: &str, chunk: &[(&InMessa
         if limit > 0 {
             enable_timeout_after(STATEMENT_TIMEOUT, limit);
         }
-        pg_sys::pqsignal(libc::SIGTERM, Some(die))
+        sigterm_die()
     };
     if limit > 0 {
         let one = (chunk.len() == 1).then(|| hung::message_hash(chunk[0].0));
@@ -318,7 +347,7 @@ fn insert_and_route(client: &mut SpiClient<'_>, schema: &str, chunk: &[(&InMessa
     // outlive its routing in the worker: released (the worker takes none of its own).
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
-        pg_sys::pqsignal(libc::SIGTERM, sigterm);
+        sigterm_restore(sigterm);
         pg_sys::LockReleaseAll(pg_sys::USER_LOCKMETHOD as _, true);
     }
     if let Err(f) = routed {

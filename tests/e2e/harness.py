@@ -1,4 +1,4 @@
-"""Throw-away PostgreSQL 15 clusters and mosquitto brokers for mqtt_pg's end-to-end tests and demo.
+"""Throw-away PostgreSQL clusters and mosquitto brokers for mqtt_pg's end-to-end tests and demo.
 
 Shared by tests/e2e/conftest.py and scripts/demo.py. Everything binds to 127.0.0.1 on a free
 port. PostgreSQL refuses to run as root, so clusters run as the `postgres` OS user (PLATFORM.md).
@@ -53,6 +53,16 @@ def _stop_leftovers() -> None:
 
 # --------------------------------------------------------------------------------------------
 # small helpers
+
+
+def pkglibdir() -> Path:
+    """Where PG_BIN's server loads extension libraries from (the installed mqtt_pg.so)."""
+    try:
+        out = subprocess.run([str(PG_BIN / "pg_config"), "--pkglibdir"], capture_output=True, text=True,
+                             check=True)
+        return Path(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return PG_BIN.parent / "lib"  # no pg_config: the usual layout
 
 
 def free_port() -> int:
@@ -149,7 +159,7 @@ def summarize_ms(values_s: list[float]) -> str:
 
 
 class PgCluster:
-    """A throw-away PostgreSQL 15 cluster owned by the `postgres` OS user.
+    """A throw-away PostgreSQL cluster (PG_BIN's version) owned by the `postgres` OS user.
 
     `datadir=None` makes a temporary directory under /tmp, removed by `destroy()`.
     `preload=False` leaves shared_preload_libraries empty (for the "not preloaded" test).

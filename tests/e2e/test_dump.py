@@ -26,7 +26,7 @@ def test_dump_and_restore_keep_configuration_and_queued_messages(pg, mosq):
             [str(PG_BIN / "pg_dump"), "-h", HOST, "-p", str(pg.port), "-U", "postgres", src],
             check=True, capture_output=True, text=True, timeout=60).stdout
         subprocess.run(
-            ["/usr/bin/psql", "-h", HOST, "-p", str(pg.port), "-U", "postgres", "-d", dst,
+            [str(PG_BIN / "psql"), "-h", HOST, "-p", str(pg.port), "-U", "postgres", "-d", dst,
              "-v", "ON_ERROR_STOP=1", "-q"],
             input=dump, check=True, capture_output=True, text=True, timeout=60)
         with pg.connect(dst) as c:

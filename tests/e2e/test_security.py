@@ -146,7 +146,7 @@ def test_dump_and_restore_as_the_owner(pg, odoo, auth_mosq, scratch_db, topic):
         admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(target), sql.Identifier(role)))
     with pg.connect(target) as su:
         su.execute("CREATE EXTENSION mqtt_pg")
-    r = subprocess.run(["/usr/bin/psql", "-h", HOST, "-p", str(pg.port), "-U", role, "-d", target,
+    r = subprocess.run([str(PG_BIN / "psql"), "-h", HOST, "-p", str(pg.port), "-U", role, "-d", target,
                         "-v", "ON_ERROR_STOP=1", "-q"], input=dump.stdout, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "ERROR" in l)
     t = connect(dbname=target)
