@@ -50,7 +50,11 @@ Figures (N = --messages); the name in [brackets] is what --only takes:
    (target p99 < 5 ms: the wait for its own WAL flush is the disk's, not mqtt_pg's), then with
    every commit flushed (reported; one connection cannot hold 1,000 tx/s when a flush takes over
    1 ms).
-9. --soak MINUTES, instead of the others: 2,000 msg/s each way (a paho publisher, QoS 1, to a
+9. [status] Polling `SELECT * FROM mqtt_broker_status` with 10 N rows (at most 1,000,000) queued
+   for a stopped broker and as many in history: the median of 20 polls, beside the naive
+   `count(*)` of both tables that the view avoids (the floor it is measured against, same run).
+   Target: a poll under 10 ms however large the tables.
+10. --soak MINUTES, instead of the others: 2,000 msg/s each way (a paho publisher, QoS 1, to a
    subscribed topic; 20 mqtt_publish per transaction every 10 ms), the worker's memory printed
    every minute; the peak Anonymous memory (the worker's own heap) of the last minute beside the
    first's (target: within 10 %), private memory and VmRSS beside it, and exact counts.
@@ -94,7 +98,7 @@ from harness import Mosquitto, MqttSub, PgCluster, SeqPublisher, seq_of, seq_pay
 # the same window, so the comparison is of the same protocol exchange; change both together.
 WORKER_INFLIGHT = 100
 
-FIGURES = ("ingest_q0", "ingest_q1", "routed", "publish", "delivery", "pgbench", "watch", "latency")
+FIGURES = ("ingest_q0", "ingest_q1", "routed", "publish", "delivery", "pgbench", "watch", "latency", "status")
 DB = "bench"
 BROKER = "bench"
 OWNER = "bench_owner"
@@ -737,6 +741,42 @@ class Bench:
                  call_p50_ms=statistics.median(call_ms), call_p99_ms=harness.percentile(call_ms, 99))
 
     # -- 9: soak -------------------------------------------------------------------------------
+    def fig_status(self) -> None:
+        rows = min(self.n * 10, 1_000_000)
+        name = "bench_status"
+        bid = self.q("INSERT INTO mqtt_broker (name, host, port) VALUES (%s, %s, %s) RETURNING id",
+                     (name, harness.HOST, self.mosq.port))
+        try:
+            self.q("SELECT count(mqtt_publish('bench/status', %s::text, 1, false, %s)) FROM generate_series(1, %s)",
+                   (PAYLOAD, name, rows))
+            self.db.execute("INSERT INTO mqtt_message_history (broker_id, topic, payload, qos, direction) "
+                            "SELECT %s, 'bench/status', convert_to(%s::text, 'UTF8'), 0, 'receive' "
+                            "FROM generate_series(1, %s)", (bid, PAYLOAD, rows))
+            polls = []
+            for _ in range(20):
+                t0 = time.monotonic()
+                got = self.db.execute("SELECT * FROM mqtt_broker_status WHERE broker_id = %s", (bid,)).fetchall()
+                polls.append(time.monotonic() - t0)
+            depth = got[0][16] if got else None
+            self.check(depth is not None and depth >= min(rows, 10_001),
+                       f"mqtt_broker_status showed outbox_depth {depth} for {rows} queued rows")
+            naive = []
+            for _ in range(3):
+                t0 = time.monotonic()
+                self.db.execute("SELECT (SELECT count(*) FROM mqtt_outbox WHERE broker_id = %s), "
+                                "(SELECT count(*) FROM mqtt_message_history WHERE broker_id = %s)", (bid, bid)).fetchone()
+                naive.append(time.monotonic() - t0)
+            poll_ms, naive_ms = statistics.median(polls) * 1000, statistics.median(naive) * 1000
+            log(f"  mqtt_broker_status with {rows:,} queued and {rows:,} in history: median {poll_ms:.2f} ms "
+                f"(max {max(polls) * 1000:.2f} ms); count(*) of both: {naive_ms:.1f} ms")
+            self.row("status", f"mqtt_broker_status poll, {rows:,} rows queued + {rows:,} in history",
+                     poll_ms, "ms", f"{poll_ms:.2f} ms", naive_ms, f"{naive_ms:.1f} ms (count(*) of both)",
+                     poll_ms / naive_ms if naive_ms > 0 else None,
+                     f"{poll_ms / naive_ms:.3f}" if naive_ms > 0 else "?", "< 10 ms", poll_ms < 10)
+        finally:
+            self.db.execute("DELETE FROM mqtt_broker WHERE id = %s", (bid,))
+            self.db.execute("DELETE FROM mqtt_message_history WHERE broker_id = %s", (bid,))
+
     def fig_soak(self) -> None:
         minutes = self.args.soak
         per_s, tick = 2000, 0.01
@@ -855,7 +895,7 @@ class Bench:
             plan = [("ingest_q0", lambda: self.fig_ingest(0)), ("ingest_q1", lambda: self.fig_ingest(1)),
                     ("routed", self.fig_routed), ("publish", self.fig_publish_delivery),
                     ("pgbench", self.fig_pgbench), ("watch", self.fig_watch), ("latency", lambda: self.fig_latency(False)),
-                    ("latency", lambda: self.fig_latency(True))]
+                    ("latency", lambda: self.fig_latency(True)), ("status", self.fig_status)]
             plan = [(k, f) for k, f in plan
                     if self.wants(k) or (k == "publish" and self.wants("delivery"))]
         for name, fn in plan:

@@ -135,4 +135,18 @@ else
     cargo pgrx install --release --no-default-features --features pg18 --pg-config "$PG18_CONFIG"
 fi
 
+# --- the released versions' install scripts ---------------------------------------
+# cargo pgrx install copies the update scripts (sql/mqtt_pg--A--B.sql) but not the install
+# scripts of earlier releases. They ship too, so that a database can be made at a released
+# version and updated (tests/e2e/test_upgrade.py), as packaged extensions do.
+for cfg in "$PG_CONFIG" "$PG18_CONFIG"; do
+    extdir="$("$cfg" --sharedir)/extension"
+    if [ -d "$extdir" ]; then
+        for old in sql/mqtt_pg--[0-9]*.[0-9]*.[0-9]*.sql; do
+            case "$old" in *--*--*) continue ;; esac
+            install -m 644 "$old" "$extdir/"
+        done
+    fi
+done
+
 step "done"

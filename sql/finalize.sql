@@ -450,7 +450,7 @@ $$;
 -- its rows (and not its definition), and a restore into a database that lacks the day makes it
 -- on the way (the COPY hook in src/ddl.rs).
 CREATE FUNCTION @extschema@._mqtt_history_partition_create(part text, lo timestamptz, hi timestamptz)
-RETURNS void LANGUAGE plpgsql VOLATILE
+RETURNS boolean LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -460,6 +460,12 @@ DECLARE
 BEGIN
     IF part IS NULL OR part OPERATOR(pg_catalog.!~) '^mqtt_message_history_[0-9]{8}$' THEN
         RAISE EXCEPTION 'not a name of a daily partition of mqtt_message_history: %', part USING ERRCODE = '22023';
+    END IF;
+    -- The worker making the day ahead and a restore making it for its rows can meet: one
+    -- waits for the other, then finds the partition there (false: nothing to do).
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('mqtt_pg history partition'), pg_catalog.hashtext(part));
+    IF pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part)) IS NOT NULL THEN
+        RETURN false;
     END IF;
     EXECUTE pg_catalog.format('CREATE TABLE @extschema@.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)',
                               part, parent, lo, hi);
@@ -476,6 +482,7 @@ BEGIN
     END LOOP;
     PERFORM pg_catalog.pg_extension_config_dump(
         ('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part))::pg_catalog.regclass, '');
+    RETURN true;
 END
 $$;
 

@@ -44,18 +44,20 @@ fn as_member<R>(extension: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 }
 
 /// Make the daily partition `part` for [`lo`, `hi`) (timestamptz text), a member of the
-/// extension. Must run as a role that may (the worker; the extension owner for a restore).
-pub fn create_partition(part: &str, lo: &str, hi: &str) -> Result<(), String> {
+/// extension; false when another session made it meanwhile. Must run as a role that may (the
+/// worker; the extension owner for a restore).
+pub fn create_partition(part: &str, lo: &str, hi: &str) -> Result<bool, String> {
     let installed = catalog::installed_or_raise();
     let schema = &installed.schema;
     as_member(installed.oid, || {
-        Spi::run_with_args(
+        Spi::get_one_with_args::<bool>(
             &format!(
                 "SELECT {schema}._mqtt_history_partition_create($1, $2::pg_catalog.timestamptz, \
                  $3::pg_catalog.timestamptz)"
             ),
             &[part.into(), lo.into(), hi.into()],
         )
+        .map(|made| made.unwrap_or(false))
         .map_err(|e| e.to_string())
     })
 }
