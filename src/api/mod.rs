@@ -5,6 +5,7 @@ pub mod broker;
 pub mod listener;
 pub mod publish;
 pub mod subscribe;
+pub mod test_connection;
 
 use pgrx::prelude::*;
 
