@@ -255,6 +255,8 @@ fn wrong_password_is_refused_without_the_password_in_the_error() {
     );
     let shown = format!("{o:?}");
     assert!(!shown.contains("wrong-Secret") && !shown.contains(PASSWORD));
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
