@@ -371,6 +371,14 @@ COMMENT ON FUNCTION @extschema@.mqtt_check_permission(name, text, text) IS
   'The mqtt_access_control decision: may role publish to (operation ''publish'') or subscribe to (''subscribe'') topic?';
 COMMENT ON FUNCTION @extschema@.mqtt_payload_text(bytea) IS
   'The payload as text when it is valid UTF-8 without NUL bytes, else NULL.';
+-- API: Public (src/api/test_connection.rs). EXECUTE stays with PUBLIC: each form checks the
+-- table privileges that already carry its power and refuses others with 42501 and a hint (the
+-- broker form: SELECT and UPDATE (active) on mqtt_broker, what starting the listener takes; the
+-- host form, which points the server at any host and port: INSERT on mqtt_broker).
+COMMENT ON FUNCTION @extschema@.mqtt_test_connection(text, interval) IS
+  'Open one short test connection with a broker''s settings (its listener untouched): jsonb with ok, error (as mqtt_status words it), connack, tls, round_trip_ms.';
+COMMENT ON FUNCTION @extschema@.mqtt_test_connection(text, integer, text, text, boolean, text, text, text, interval) IS
+  'Open one short test connection to host:port with the credentials and TLS settings given (no broker row): jsonb with ok, error, connack, tls, round_trip_ms.';
 
 -- API: Private. What keeping mqtt_message_history's daily partitions needs now (the worker
 -- carries it out, src/history.rs): 'create' today's partition and the next days_ahead days'

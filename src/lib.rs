@@ -14,6 +14,7 @@ mod plans;
 mod routing;
 mod security;
 mod shmem;
+mod signals;
 mod triggers;
 mod wake;
 mod worker;

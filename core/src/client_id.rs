@@ -52,9 +52,6 @@ pub const GENERATED_CLIENT_ID_LEN: usize = 23;
 /// connections come from mqtt_pg.
 const PREFIX: &str = "mqttpg";
 
-/// Number of base-36 digits after the prefix.
-const DIGITS: usize = GENERATED_CLIENT_ID_LEN - PREFIX.len();
-
 const FNV128_OFFSET_BASIS: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
 const FNV128_PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
 
@@ -79,16 +76,60 @@ pub fn generated_client_id(system_identifier: u64, database_oid: u32, broker_id:
     hi ^= fmix64(lo);
     lo ^= fmix64(hi);
     hi ^= fmix64(lo);
-    let mut value = ((u128::from(hi) << 64) | u128::from(lo)) % 36u128.pow(DIGITS as u32);
+    with_digits(PREFIX, (u128::from(hi) << 64) | u128::from(lo))
+}
 
-    let mut digits = [b'0'; DIGITS];
+/// Prefix of the client ids of test connections (`mqtt_test_connection`), so a broker's log
+/// tells them from the worker's connections.
+pub const PROBE_PREFIX: &str = "mqttpgtest";
+
+/// A fresh random client id for a test connection, never equal to `avoid` (the broker's own
+/// client id). Two connections with one client id take each other's session over: a test that
+/// borrowed the worker's id would disconnect the worker, and with a clean session wipe the
+/// subscriptions and queued messages the broker keeps for it. Random rather than derived, so
+/// that tests running at the same moment do not take each other over either. Same envelope as
+/// generated ids: 23 characters of `[0-9a-z]`.
+pub fn probe_client_id(avoid: &str) -> String {
+    loop {
+        let id = with_digits(PROBE_PREFIX, random_u128());
+        if id != avoid {
+            return id;
+        }
+    }
+}
+
+/// 128 random bits from the system's generator; should that ever fail, the standard library's
+/// per-process random hash keys mixed with the clock (unique enough for a client id).
+fn random_u128() -> u128 {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 16];
+    if SystemRandom::new().fill(&mut bytes).is_ok() {
+        return u128::from_le_bytes(bytes);
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let lo = h.finish();
+    h.write_u64(lo);
+    (u128::from(h.finish()) << 64) | u128::from(lo)
+}
+
+/// `prefix` followed by `value` (reduced to fit) in base-36 digits, zero-padded on the left,
+/// [`GENERATED_CLIENT_ID_LEN`] characters in all.
+fn with_digits(prefix: &str, value: u128) -> String {
+    let n = GENERATED_CLIENT_ID_LEN - prefix.len();
+    let mut value = value % 36u128.pow(n as u32);
+    let mut digits = vec![b'0'; n];
     for slot in digits.iter_mut().rev() {
         *slot = BASE36[(value % 36) as usize];
         value /= 36;
     }
-
     let mut id = String::with_capacity(GENERATED_CLIENT_ID_LEN);
-    id.push_str(PREFIX);
+    id.push_str(prefix);
     // Every byte comes from BASE36, so this is ASCII.
     id.extend(digits.iter().map(|&b| char::from(b)));
     id
@@ -212,6 +253,19 @@ mod tests {
         let b = generated_client_id(42, 16_384, 2);
         let differing = a.bytes().zip(b.bytes()).filter(|(x, y)| x != y).count();
         assert!(differing > 10, "{a} vs {b}");
+    }
+
+    #[test]
+    fn probe_ids_are_fresh_and_well_formed() {
+        let ids: HashSet<String> = (0..1000).map(|_| probe_client_id("")).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_well_formed(id);
+            assert!(id.starts_with(PROBE_PREFIX), "{id}");
+        }
+        // Never the id it must avoid, even one of its own shape.
+        let taken = ids.iter().next().cloned().unwrap_or_default();
+        assert!((0..1000).all(|_| probe_client_id(&taken) != taken));
     }
 
     #[test]

@@ -268,7 +268,9 @@ fn pubrel_for_an_unknown_id_on_a_resumed_session_is_answered() {
         connect,
         Packet::Connect {
             client_id: cid.clone(),
-            clean_session: false
+            clean_session: false,
+            will: false,
+            login: false,
         }
     );
     conn.connack(true);

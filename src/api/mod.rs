@@ -6,6 +6,7 @@ pub mod listener;
 pub mod publish;
 pub mod status;
 pub mod subscribe;
+pub mod test_connection;
 
 use pgrx::prelude::*;
 

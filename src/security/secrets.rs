@@ -1,8 +1,10 @@
-//! Broker secrets: sealed with this server's key when written, opened only by the worker.
+//! Broker secrets: sealed with this server's key when written, opened only to connect with
+//! them: by the worker, and by `mqtt_test_connection(broker)` for its one test connection (to
+//! the endpoint the password is bound to, never shown).
 //!
 //! Writes go through the triggers in finalize.sql, which call the sealing functions below and
-//! leave `password` / `client_key` NULL in the row; there is no SQL function that opens a sealed
-//! value. The key is a file in the data directory (`mqtt_pg_secret.key`, mode 0600, readable by
+//! leave `password` / `client_key` NULL in the row; there is no SQL function that returns an
+//! opened value. The key is a file in the data directory (`mqtt_pg_secret.key`, mode 0600, readable by
 //! the postgres OS user only), made by the first backend that needs it. Why sealing at all, and
 //! why a password is bound to its endpoint: see `mqtt_pg_core::secret`.
 
@@ -159,8 +161,8 @@ pub struct Sealed<'a> {
     pub client_key: Option<Vec<u8>>,
 }
 
-/// Open a broker's secrets (worker only). An error names the column and what to do, never the
-/// value.
+/// Open a broker's secrets, to connect with them (the worker, a test connection). An error
+/// names the column and what to do, never the value.
 pub fn open(broker: &str, s: &Sealed<'_>) -> Result<(Option<String>, Option<String>), String> {
     if s.password.is_none() && s.client_key.is_none() {
         return Ok((None, None));

@@ -6,6 +6,7 @@ use std::time::Duration;
 use mqtt_pg_core::engine::{BrokerConfig, Will, MQTT_MAX_PACKET};
 use mqtt_pg_core::tls::TlsSettings;
 use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
 
 use crate::api::listener::client_id_for;
 use crate::security::access::{self, Operation};
@@ -21,97 +22,99 @@ pub struct Loaded {
     pub problem: Option<String>,
 }
 
+/// The `mqtt_broker` columns [`broker_config`] reads, in this order.
+pub const BROKER_COLUMNS: &str = "id, name, host, port, username, password_sealed, use_tls, \
+     client_id, keepalive, clean_session, reconnect_min_ms, reconnect_max_ms, max_packet_size, \
+     tls_server_name, ca_cert, client_cert, client_key_sealed, will_topic, will_payload, \
+     will_qos, will_retain, birth_payload";
+
+/// A broker row, selected as [`BROKER_COLUMNS`], as the engine's configuration, its secrets
+/// opened. Err: why the row cannot be used as it is, in words for its status (never a secret).
+pub fn broker_config(row: &SpiHeapTupleData<'_>) -> Result<BrokerConfig, String> {
+    let get_i = |n| row.get::<i32>(n).ok().flatten().unwrap_or(0);
+    let get_s = |n| row.get::<String>(n).ok().flatten();
+    let get_b = |n| row.get::<bool>(n).ok().flatten().unwrap_or(false);
+    let get_bytes = |n| row.get::<Vec<u8>>(n).ok().flatten();
+    let id = get_i(1);
+    let name = get_s(2).unwrap_or_default();
+    let host = get_s(3).unwrap_or_default();
+    let username = get_s(5);
+    let server_name = get_s(14);
+    let ca_cert = get_s(15);
+    let port = match u16::try_from(get_i(4)) {
+        Ok(port) if port > 0 => port,
+        _ => return Err(format!("invalid port {} for broker \"{name}\"", get_i(4))),
+    };
+    let (password, client_key) = secrets::open(
+        &name,
+        &secrets::Sealed {
+            endpoint: mqtt_pg_core::secret::Endpoint {
+                host: &host,
+                port: get_i(4),
+                username: username.as_deref(),
+                use_tls: get_b(7),
+                ca_cert: ca_cert.as_deref(),
+                server_name: server_name.as_deref(),
+            },
+            password: get_bytes(6),
+            client_key: get_bytes(17),
+        },
+    )?;
+    let will = get_s(18).map(|topic| Will {
+        topic,
+        payload: get_s(19).unwrap_or_default().into_bytes(),
+        qos: row.get::<i16>(20).ok().flatten().unwrap_or(0).clamp(0, 2) as u8,
+        retain: get_b(21),
+    });
+    Ok(BrokerConfig {
+        id,
+        name,
+        host,
+        port,
+        username,
+        password,
+        tls: get_b(7).then(|| TlsSettings {
+            ca_cert,
+            client_cert: get_s(16),
+            client_key,
+            server_name,
+        }),
+        birth_payload: will
+            .as_ref()
+            .and_then(|_| get_s(22))
+            .map(String::into_bytes),
+        will,
+        client_id: client_id_for(id, get_s(8)),
+        keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
+        clean_session: get_b(10),
+        max_packet_size: row
+            .get::<i32>(13)
+            .ok()
+            .flatten()
+            .map_or(MQTT_MAX_PACKET, |n| {
+                (n.max(64) as usize).min(MQTT_MAX_PACKET)
+            }),
+        reconnect_min: Duration::from_millis(get_i(11).max(0) as u64),
+        reconnect_max: Duration::from_millis(get_i(12).max(0) as u64),
+        max_inflight: 100,
+    })
+}
+
 /// Load every active broker with its active subscriptions. Runs inside a transaction.
 pub fn load(schema: &str) -> Vec<Loaded> {
     let mut out: Vec<Loaded> = Vec::new();
     Spi::connect(|client| {
         let rows = client.select(
-            &format!(
-                "SELECT id, name, host, port, username, password_sealed, use_tls, client_id, keepalive, \
-                 clean_session, reconnect_min_ms, reconnect_max_ms, max_packet_size, \
-                 tls_server_name, ca_cert, client_cert, client_key_sealed, \
-                 will_topic, will_payload, will_qos, will_retain, birth_payload \
-                 FROM {schema}.mqtt_broker WHERE active ORDER BY id"
-            ),
+            &format!("SELECT {BROKER_COLUMNS} FROM {schema}.mqtt_broker WHERE active ORDER BY id"),
             None,
             &[],
         );
         let Ok(rows) = rows else { return };
         for row in rows {
-            let get_i = |n| row.get::<i32>(n).ok().flatten().unwrap_or(0);
-            let get_s = |n| row.get::<String>(n).ok().flatten();
-            let get_b = |n| row.get::<bool>(n).ok().flatten().unwrap_or(false);
-            let id = get_i(1);
-            let name = get_s(2).unwrap_or_default();
-            let client_id = client_id_for(id, get_s(8));
-            let get_bytes = |n| row.get::<Vec<u8>>(n).ok().flatten();
-            let mut problem = None;
-            let port = u16::try_from(get_i(4)).unwrap_or(0);
-            let host = get_s(3).unwrap_or_default();
-            let username = get_s(5);
-            let server_name = get_s(14);
-            let ca_cert = get_s(15);
-            let secrets = secrets::open(
-                &name,
-                &secrets::Sealed {
-                    endpoint: mqtt_pg_core::secret::Endpoint {
-                        host: &host,
-                        port: get_i(4),
-                        username: username.as_deref(),
-                        use_tls: get_b(7),
-                        ca_cert: ca_cert.as_deref(),
-                        server_name: server_name.as_deref(),
-                    },
-                    password: get_bytes(6),
-                    client_key: get_bytes(17),
-                },
-            );
-            let config = if port == 0 {
-                problem = Some(format!("invalid port {} for broker \"{name}\"", get_i(4)));
-                None
-            } else if let Err(e) = &secrets {
-                problem = Some(e.clone());
-                None
-            } else {
-                let (password, client_key) = secrets.unwrap_or_default();
-                let will = get_s(18).map(|topic| Will {
-                    topic,
-                    payload: get_s(19).unwrap_or_default().into_bytes(),
-                    qos: row.get::<i16>(20).ok().flatten().unwrap_or(0).clamp(0, 2) as u8,
-                    retain: get_b(21),
-                });
-                Some(BrokerConfig {
-                    id,
-                    name,
-                    host,
-                    port,
-                    username,
-                    password,
-                    tls: get_b(7).then(|| TlsSettings {
-                        ca_cert,
-                        client_cert: get_s(16),
-                        client_key,
-                        server_name,
-                    }),
-                    birth_payload: will
-                        .as_ref()
-                        .and_then(|_| get_s(22))
-                        .map(String::into_bytes),
-                    will,
-                    client_id,
-                    keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
-                    clean_session: get_b(10),
-                    max_packet_size: row
-                        .get::<i32>(13)
-                        .ok()
-                        .flatten()
-                        .map_or(MQTT_MAX_PACKET, |n| {
-                            (n.max(64) as usize).min(MQTT_MAX_PACKET)
-                        }),
-                    reconnect_min: Duration::from_millis(get_i(11).max(0) as u64),
-                    reconnect_max: Duration::from_millis(get_i(12).max(0) as u64),
-                    max_inflight: 100,
-                })
+            let id = row.get::<i32>(1).ok().flatten().unwrap_or(0);
+            let (config, problem) = match broker_config(&row) {
+                Ok(config) => (Some(config), None),
+                Err(problem) => (None, Some(problem)),
             };
             out.push(Loaded {
                 id,

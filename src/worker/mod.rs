@@ -8,7 +8,7 @@
 //! engine events in one transaction, and hand newly committed outbox rows to the engine. No
 //! step blocks for long, so SIGTERM, reloads and DROP DATABASE's barrier are handled promptly.
 
-mod config;
+pub(crate) mod config;
 mod hung;
 mod maintenance;
 mod outbox;
@@ -315,22 +315,13 @@ fn claim_slot(dboid: u32) -> bool {
 }
 
 /// Start tokio with every signal blocked, so its threads inherit a full mask and Postgres'
-/// handlers only ever run on this (the main) thread; then restore the main thread's mask.
+/// handlers only ever run on this (the main) thread (see `signals`).
 fn start_engine(wake_tx: UnixStream) -> std::io::Result<Engine> {
     let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         // A full socket buffer already means "wake up"; nothing else can go wrong worth acting on.
         let _ = (&wake_tx).write(&[1u8]);
     });
-    // SAFETY: sigfillset/pthread_sigmask only manipulate this thread's signal mask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let engine = Engine::start(2, 65_536, wake);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        engine
-    }
+    crate::signals::with_signals_blocked(|| Engine::start(2, 65_536, wake))
 }
 
 /// Wait for the latch, the engine's socket, or the timeout.

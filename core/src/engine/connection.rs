@@ -14,7 +14,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 
 use super::errors::describe_error;
-use super::options::{birth, options, prepare, qos_from};
+use super::options::{birth, network_options, options, prepare, qos_from};
 use super::{
     held_bytes, Ack, BrokerConfig, Buffered, Command, Event, InMessage, OutMessage, Tagged, Waker,
     Will, DISCONNECT_GRACE,
@@ -488,11 +488,7 @@ pub(super) async fn run_broker(
 ) {
     let id = config.id;
     let (client, mut eventloop) = AsyncClient::new(options(&config), 1024);
-    // Small writes (a PUBACK, one publish after a commit) must leave at once, not wait for
-    // Nagle's algorithm: commit-to-delivery latency is a promise of mqtt_publish.
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
+    eventloop.set_network_options(network_options());
     // The broker may resend a PUBREL from before this process existed.
     answer_any_pubrel(&mut eventloop.state);
     // And it may hold QoS 2 packet ids of an earlier process "awaiting PUBREL" (see

@@ -15,6 +15,7 @@
 mod connection;
 mod errors;
 mod options;
+mod probe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -28,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::tls::Redacted;
 pub use crate::tls::TlsSettings;
 use connection::{run_broker, Emitter};
+pub use probe::{probe, probe_config, ProbeOutcome, Prober};
 
 /// Largest packet MQTT can carry (the remaining-length field tops out at 256 MiB - 1).
 pub const MQTT_MAX_PACKET: usize = 268_435_455;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{EventLoop, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::{EventLoop, LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
 
 use super::{BrokerConfig, Will, MQTT_MAX_PACKET};
 
@@ -38,6 +38,15 @@ pub(super) fn options(c: &BrokerConfig) -> MqttOptions {
         ));
     }
     o
+}
+
+/// The socket options of every connection.
+pub(super) fn network_options() -> NetworkOptions {
+    let mut net = NetworkOptions::new();
+    // Small writes (a PUBACK, one publish after a commit) must leave at once, not wait for
+    // Nagle's algorithm: commit-to-delivery latency is a promise of mqtt_publish.
+    net.set_tcp_nodelay(true);
+    net
 }
 
 /// The birth message, published after every CONNACK: only together with a will, whose topic

@@ -971,6 +971,10 @@ pub enum Packet {
     Connect {
         client_id: String,
         clean_session: bool,
+        /// The will flag: the broker is to publish a Last Will for this client.
+        will: bool,
+        /// The user name flag: credentials follow.
+        login: bool,
     },
     ConnAck {
         session_present: bool,
@@ -1048,6 +1052,8 @@ impl RawPacket {
                 Packet::Connect {
                     client_id,
                     clean_session: flags & 0x02 != 0,
+                    will: flags & 0x04 != 0,
+                    login: flags & 0x80 != 0,
                 }
             }
             2 => Packet::ConnAck {
