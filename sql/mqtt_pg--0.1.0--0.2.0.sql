@@ -89,7 +89,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:24
+-- src/lib.rs:25
 -- bootstrap
 -- mqtt_pg tables. Everything is created in the schema given to CREATE EXTENSION (@extschema@)
 -- and referenced schema-qualified, so a caller's search_path never changes what runs.
@@ -435,7 +435,7 @@ AS 'MODULE_PATHNAME', '_mqtt_check_watch_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api/mod.rs:23
+-- src/api/mod.rs:24
 -- mqtt_pg::api::_mqtt_pg_wake
 CREATE  FUNCTION "_mqtt_pg_wake"(
 	"reason" INT /* i32 */
@@ -468,7 +468,7 @@ AS 'MODULE_PATHNAME', '_mqtt_route_requeued_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/security/secrets.rs:129
+-- src/security/secrets.rs:131
 -- mqtt_pg::security::secrets::_mqtt_seal_client_key
 CREATE  FUNCTION "_mqtt_seal_client_key"(
 	"client_key" TEXT, /* & str */
@@ -480,7 +480,7 @@ AS 'MODULE_PATHNAME', '_mqtt_seal_client_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/security/secrets.rs:96
+-- src/security/secrets.rs:98
 -- mqtt_pg::security::secrets::_mqtt_seal_password
 CREATE  FUNCTION "_mqtt_seal_password"(
 	"password" TEXT, /* & str */
@@ -514,7 +514,7 @@ AS 'MODULE_PATHNAME', '_mqtt_subscribe_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api/mod.rs:14
+-- src/api/mod.rs:15
 -- mqtt_pg::api::mqtt_payload_text
 CREATE  FUNCTION "mqtt_payload_text"(
 	"payload" bytea /* & [u8] */
@@ -588,6 +588,37 @@ AS 'MODULE_PATHNAME', 'mqtt_stop_listener_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/api/test_connection.rs:40
+-- mqtt_pg::api::test_connection::mqtt_test_connection
+CREATE  FUNCTION "mqtt_test_connection"(
+	"broker" TEXT, /* Option < & str > */
+	"timeout" interval DEFAULT '5 seconds' /* Option < Interval > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'mqtt_test_connection_broker_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api/test_connection.rs:93
+-- mqtt_pg::api::test_connection::mqtt_test_connection
+CREATE  FUNCTION "mqtt_test_connection"(
+	"host" TEXT, /* Option < & str > */
+	"port" INT, /* Option < i32 > */
+	"username" TEXT DEFAULT NULL, /* Option < & str > */
+	"password" TEXT DEFAULT NULL, /* Option < & str > */
+	"use_tls" bool DEFAULT false, /* Option < bool > */
+	"ca_cert" TEXT DEFAULT NULL, /* Option < & str > */
+	"client_cert" TEXT DEFAULT NULL, /* Option < & str > */
+	"client_key" TEXT DEFAULT NULL, /* Option < & str > */
+	"timeout" interval DEFAULT '5 seconds' /* Option < Interval > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'mqtt_test_connection_host_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/api/subscribe.rs:153
 -- mqtt_pg::api::subscribe::mqtt_unsubscribe
 CREATE  FUNCTION "mqtt_unsubscribe"(
@@ -600,7 +631,7 @@ AS 'MODULE_PATHNAME', 'mqtt_unsubscribe_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:25
+-- src/lib.rs:26
 -- finalize
 -- Objects that need the Rust functions to exist first.
 
@@ -975,6 +1006,14 @@ COMMENT ON FUNCTION @extschema@.mqtt_check_permission(name, text, text) IS
   'The mqtt_access_control decision: may role publish to (operation ''publish'') or subscribe to (''subscribe'') topic?';
 COMMENT ON FUNCTION @extschema@.mqtt_payload_text(bytea) IS
   'The payload as text when it is valid UTF-8 without NUL bytes, else NULL.';
+-- API: Public (src/api/test_connection.rs). EXECUTE stays with PUBLIC: each form checks the
+-- table privileges that already carry its power and refuses others with 42501 and a hint (the
+-- broker form: SELECT and UPDATE (active) on mqtt_broker, what starting the listener takes; the
+-- host form, which points the server at any host and port: INSERT on mqtt_broker).
+COMMENT ON FUNCTION @extschema@.mqtt_test_connection(text, interval) IS
+  'Open one short test connection with a broker''s settings (its listener untouched): jsonb with ok, error (as mqtt_status words it), connack, tls, round_trip_ms.';
+COMMENT ON FUNCTION @extschema@.mqtt_test_connection(text, integer, text, text, boolean, text, text, text, interval) IS
+  'Open one short test connection to host:port with the credentials and TLS settings given (no broker row): jsonb with ok, error, connack, tls, round_trip_ms.';
 
 -- API: Private. What keeping mqtt_message_history's daily partitions needs now (the worker
 -- carries it out, src/history.rs): 'create' today's partition and the next days_ahead days'
