@@ -396,6 +396,7 @@ DECLARE
     today date := (at AT TIME ZONE 'UTC')::date;
     cutoff timestamptz := at OPERATOR(pg_catalog.-) keep;
     day date;
+    candidate text;
     p record;
 BEGIN
     IF keep IS NOT NULL AND keep OPERATOR(pg_catalog.<=) '0'::interval THEN
@@ -403,17 +404,10 @@ BEGIN
     END IF;
     FOR i IN 0 .. COALESCE(days_ahead, 3) LOOP
         day := today OPERATOR(pg_catalog.+) i;
-        part := 'mqtt_message_history_' OPERATOR(pg_catalog.||) pg_catalog.to_char(day, 'YYYYMMDD');
         lo := day::timestamp AT TIME ZONE 'UTC';
         hi := (day OPERATOR(pg_catalog.+) 1)::timestamp AT TIME ZONE 'UTC';
-        CONTINUE WHEN pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part)) IS NOT NULL;
         CONTINUE WHEN cutoff OPERATOR(pg_catalog.>=) hi;
-        -- A day the default partition already holds rows of (stored before the worker first
-        -- ran, or dated ahead by hand) stays there: a partition for it could not be attached.
-        CONTINUE WHEN EXISTS (SELECT FROM @extschema@.mqtt_message_history_default h
-                              WHERE h."timestamp" OPERATOR(pg_catalog.>=) lo
-                                AND h."timestamp" OPERATOR(pg_catalog.<) hi);
-        -- A partition made by hand may already cover part of the day: leave the day to it.
+        -- A partition covering part of the day (ours, or made by hand) already takes its rows.
         CONTINUE WHEN EXISTS (
             SELECT FROM pg_catalog.pg_inherits i
             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
@@ -421,13 +415,39 @@ BEGIN
               AND NOT (COALESCE(@extschema@._mqtt_partition_bound(c.oid, 'TO') OPERATOR(pg_catalog.<=) lo, false)
                        OR COALESCE(@extschema@._mqtt_partition_bound(c.oid, 'FROM') OPERATOR(pg_catalog.>=) hi, false))
               AND pg_catalog.pg_get_expr(c.relpartbound, c.oid) OPERATOR(pg_catalog.<>) 'DEFAULT');
+        -- A day the default partition already holds rows of (stored before the worker first
+        -- ran, or dated ahead by hand) stays there: a partition for it could not be attached.
+        CONTINUE WHEN EXISTS (SELECT FROM @extschema@.mqtt_message_history_default h
+                              WHERE h."timestamp" OPERATOR(pg_catalog.>=) lo
+                                AND h."timestamp" OPERATOR(pg_catalog.<) hi);
+        -- The day's name, or when something else has taken it (a table of the same name made
+        -- by hand), the first free of name_2 .. name_9: a taken name must not keep the day
+        -- from getting its partition.
+        part := NULL;
+        FOR n IN 1 .. 9 LOOP
+            candidate := 'mqtt_message_history_' OPERATOR(pg_catalog.||) pg_catalog.to_char(day, 'YYYYMMDD')
+                         OPERATOR(pg_catalog.||) CASE WHEN n OPERATOR(pg_catalog.=) 1 THEN '' ELSE '_' OPERATOR(pg_catalog.||) n END;
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_class c
+                           WHERE c.relname OPERATOR(pg_catalog.=) candidate
+                             AND c.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace)
+               AND NOT EXISTS (SELECT FROM pg_catalog.pg_type t
+                               WHERE t.typname OPERATOR(pg_catalog.=) candidate
+                                 AND t.typnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace) THEN
+                part := candidate;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF part IS NULL THEN
+            RAISE WARNING 'mqtt_pg: no free name for the partition of % (mqtt_message_history_% .. _9 are taken); its rows go to mqtt_message_history_default', day, pg_catalog.to_char(day, 'YYYYMMDD');
+            CONTINUE;
+        END IF;
         action := 'create';
         RETURN NEXT;
     END LOOP;
     IF keep IS NULL THEN
         RETURN;
     END IF;
-    FOR p IN SELECT c.relname::text AS name, @extschema@._mqtt_partition_bound(c.oid, 'FROM') AS lower,
+    FOR p IN SELECT c.oid::pg_catalog.regclass::text AS name, @extschema@._mqtt_partition_bound(c.oid, 'FROM') AS lower,
                     @extschema@._mqtt_partition_bound(c.oid, 'TO') AS upper
              FROM pg_catalog.pg_inherits i
              JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
@@ -453,10 +473,10 @@ END
 $$;
 
 -- API: Private. Make one day's partition of mqtt_message_history, owned and granted like the
--- table. Called by src/history.rs with the session marked as running the extension's script,
--- so the partition is a member of the extension and a configuration table: pg_dump then dumps
--- its rows (and not its definition), and a restore into a database that lacks the day makes it
--- on the way (the COPY hook in src/ddl.rs).
+-- table. Called by the worker (src/history.rs) with the session marked as running the
+-- extension's script, so the partition is a member of the extension and a configuration
+-- table: pg_dump then dumps its rows (and not its definition), and a restore writes them
+-- through the history table (the COPY hook in src/ddl.rs).
 CREATE FUNCTION @extschema@._mqtt_history_partition_create(part text, lo timestamptz, hi timestamptz)
 RETURNS boolean LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -466,12 +486,10 @@ DECLARE
     owner pg_catalog.oid := (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) parent);
     g record;
 BEGIN
-    IF part IS NULL OR part OPERATOR(pg_catalog.!~) '^mqtt_message_history_[0-9]{8}$' THEN
+    IF part IS NULL OR part OPERATOR(pg_catalog.!~) '^mqtt_message_history_[0-9]{8}(_[0-9])?$' THEN
         RAISE EXCEPTION 'not a name of a daily partition of mqtt_message_history: %', part USING ERRCODE = '22023';
     END IF;
-    -- The worker making the day ahead and a restore making it for its rows can meet: one
-    -- waits for the other, then finds the partition there (false: nothing to do).
-    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('mqtt_pg history partition'), pg_catalog.hashtext(part));
+    -- Made meanwhile (by hand): nothing to do.
     IF pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part)) IS NOT NULL THEN
         RETURN false;
     END IF;
@@ -494,14 +512,15 @@ BEGIN
 END
 $$;
 
--- API: Private. Drop one partition of mqtt_message_history (retention): out of the extension
--- first (and so out of its configuration tables), then the table.
+-- API: Private. Drop one partition of mqtt_message_history (retention), named schema-qualified
+-- as _mqtt_history_plan gives it: out of the extension first (and so out of its configuration
+-- tables), then the table.
 CREATE FUNCTION @extschema@._mqtt_history_partition_drop(part text)
 RETURNS void LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    rel pg_catalog.regclass := pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part));
+    rel pg_catalog.regclass := pg_catalog.to_regclass(part);
 BEGIN
     IF rel IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.pg_inherits i
                                   WHERE i.inhrelid OPERATOR(pg_catalog.=) rel

@@ -43,6 +43,30 @@ BEGIN
                       WHERE e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
                         AND e.objid OPERATOR(pg_catalog.=) COALESCE(r.ev_class, c.conrelid)
                         AND e.deptype OPERATOR(pg_catalog.=) 'e');
+    -- Indexes and triggers of your own on the tables would go with them too.
+    SELECT pg_catalog.concat_ws(', ', blockers, pg_catalog.string_agg(o.what, ', '))
+    INTO blockers
+    FROM (SELECT pg_catalog.format('index %s', i.indexrelid::pg_catalog.regclass) AS what
+          FROM pg_catalog.pg_index i
+          JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) i.indrelid
+          JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+          WHERE t.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+            AND t.relname OPERATOR(pg_catalog.=) ANY (ARRAY['mqtt_broker', 'mqtt_topic', 'mqtt_outbox',
+                                                             'mqtt_message_history', 'mqtt_dead_letter'])
+            AND x.relname OPERATOR(pg_catalog.<>) ALL (ARRAY['mqtt_broker_pkey', 'mqtt_broker_name_key',
+                'mqtt_broker_one_default', 'mqtt_topic_pkey', 'mqtt_topic_broker_id_name_key',
+                'mqtt_message_history_pkey', 'mqtt_message_history_timestamp', 'mqtt_outbox_pkey',
+                'mqtt_outbox_broker', 'mqtt_dead_letter_pkey'])
+          UNION ALL
+          SELECT pg_catalog.format('trigger %I on %s', g.tgname, g.tgrelid::pg_catalog.regclass)
+          FROM pg_catalog.pg_trigger g
+          JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) g.tgrelid
+          WHERE NOT g.tgisinternal
+            AND t.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+            AND t.relname OPERATOR(pg_catalog.=) ANY (ARRAY['mqtt_broker', 'mqtt_topic', 'mqtt_outbox',
+                                                             'mqtt_message_history', 'mqtt_dead_letter'])
+            AND g.tgname OPERATOR(pg_catalog.<>) ALL (ARRAY['mqtt_broker_changed', 'mqtt_topic_changed'])) o;
+    blockers := NULLIF(blockers, '');
     IF blockers IS NOT NULL THEN
         RAISE EXCEPTION 'cannot update mqtt_pg from 0.1.0: objects of your own depend on its tables: %', blockers
             USING ERRCODE = '2BP01',
@@ -52,6 +76,15 @@ END
 $check$;
 
 CREATE SCHEMA _mqtt_pg_0_1_0;
+-- Privileges other roles were given on the tables and the view (GRANT SELECT ON
+-- mqtt_message_history TO reporting, say) are given again on the new ones (part 3).
+CREATE TABLE _mqtt_pg_0_1_0.grants AS
+SELECT c.relname::text AS relname, a.privilege_type, a.grantee, a.is_grantable
+FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+WHERE c.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+  AND c.relname OPERATOR(pg_catalog.=) ANY (ARRAY['mqtt_broker', 'mqtt_topic', 'mqtt_outbox', 'mqtt_message_history',
+                                                   'mqtt_dead_letter', 'mqtt_message_history_text'])
+  AND a.grantee OPERATOR(pg_catalog.<>) c.relowner;
 DROP VIEW @extschema@.mqtt_message_history_text;
 DROP TRIGGER mqtt_broker_changed ON @extschema@.mqtt_broker;
 DROP TRIGGER mqtt_topic_changed ON @extschema@.mqtt_topic;
@@ -1031,6 +1064,7 @@ DECLARE
     today date := (at AT TIME ZONE 'UTC')::date;
     cutoff timestamptz := at OPERATOR(pg_catalog.-) keep;
     day date;
+    candidate text;
     p record;
 BEGIN
     IF keep IS NOT NULL AND keep OPERATOR(pg_catalog.<=) '0'::interval THEN
@@ -1038,17 +1072,10 @@ BEGIN
     END IF;
     FOR i IN 0 .. COALESCE(days_ahead, 3) LOOP
         day := today OPERATOR(pg_catalog.+) i;
-        part := 'mqtt_message_history_' OPERATOR(pg_catalog.||) pg_catalog.to_char(day, 'YYYYMMDD');
         lo := day::timestamp AT TIME ZONE 'UTC';
         hi := (day OPERATOR(pg_catalog.+) 1)::timestamp AT TIME ZONE 'UTC';
-        CONTINUE WHEN pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part)) IS NOT NULL;
         CONTINUE WHEN cutoff OPERATOR(pg_catalog.>=) hi;
-        -- A day the default partition already holds rows of (stored before the worker first
-        -- ran, or dated ahead by hand) stays there: a partition for it could not be attached.
-        CONTINUE WHEN EXISTS (SELECT FROM @extschema@.mqtt_message_history_default h
-                              WHERE h."timestamp" OPERATOR(pg_catalog.>=) lo
-                                AND h."timestamp" OPERATOR(pg_catalog.<) hi);
-        -- A partition made by hand may already cover part of the day: leave the day to it.
+        -- A partition covering part of the day (ours, or made by hand) already takes its rows.
         CONTINUE WHEN EXISTS (
             SELECT FROM pg_catalog.pg_inherits i
             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
@@ -1056,13 +1083,39 @@ BEGIN
               AND NOT (COALESCE(@extschema@._mqtt_partition_bound(c.oid, 'TO') OPERATOR(pg_catalog.<=) lo, false)
                        OR COALESCE(@extschema@._mqtt_partition_bound(c.oid, 'FROM') OPERATOR(pg_catalog.>=) hi, false))
               AND pg_catalog.pg_get_expr(c.relpartbound, c.oid) OPERATOR(pg_catalog.<>) 'DEFAULT');
+        -- A day the default partition already holds rows of (stored before the worker first
+        -- ran, or dated ahead by hand) stays there: a partition for it could not be attached.
+        CONTINUE WHEN EXISTS (SELECT FROM @extschema@.mqtt_message_history_default h
+                              WHERE h."timestamp" OPERATOR(pg_catalog.>=) lo
+                                AND h."timestamp" OPERATOR(pg_catalog.<) hi);
+        -- The day's name, or when something else has taken it (a table of the same name made
+        -- by hand), the first free of name_2 .. name_9: a taken name must not keep the day
+        -- from getting its partition.
+        part := NULL;
+        FOR n IN 1 .. 9 LOOP
+            candidate := 'mqtt_message_history_' OPERATOR(pg_catalog.||) pg_catalog.to_char(day, 'YYYYMMDD')
+                         OPERATOR(pg_catalog.||) CASE WHEN n OPERATOR(pg_catalog.=) 1 THEN '' ELSE '_' OPERATOR(pg_catalog.||) n END;
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_class c
+                           WHERE c.relname OPERATOR(pg_catalog.=) candidate
+                             AND c.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace)
+               AND NOT EXISTS (SELECT FROM pg_catalog.pg_type t
+                               WHERE t.typname OPERATOR(pg_catalog.=) candidate
+                                 AND t.typnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace) THEN
+                part := candidate;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF part IS NULL THEN
+            RAISE WARNING 'mqtt_pg: no free name for the partition of % (mqtt_message_history_% .. _9 are taken); its rows go to mqtt_message_history_default', day, pg_catalog.to_char(day, 'YYYYMMDD');
+            CONTINUE;
+        END IF;
         action := 'create';
         RETURN NEXT;
     END LOOP;
     IF keep IS NULL THEN
         RETURN;
     END IF;
-    FOR p IN SELECT c.relname::text AS name, @extschema@._mqtt_partition_bound(c.oid, 'FROM') AS lower,
+    FOR p IN SELECT c.oid::pg_catalog.regclass::text AS name, @extschema@._mqtt_partition_bound(c.oid, 'FROM') AS lower,
                     @extschema@._mqtt_partition_bound(c.oid, 'TO') AS upper
              FROM pg_catalog.pg_inherits i
              JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.inhrelid
@@ -1088,10 +1141,10 @@ END
 $$;
 
 -- API: Private. Make one day's partition of mqtt_message_history, owned and granted like the
--- table. Called by src/history.rs with the session marked as running the extension's script,
--- so the partition is a member of the extension and a configuration table: pg_dump then dumps
--- its rows (and not its definition), and a restore into a database that lacks the day makes it
--- on the way (the COPY hook in src/ddl.rs).
+-- table. Called by the worker (src/history.rs) with the session marked as running the
+-- extension's script, so the partition is a member of the extension and a configuration
+-- table: pg_dump then dumps its rows (and not its definition), and a restore writes them
+-- through the history table (the COPY hook in src/ddl.rs).
 CREATE FUNCTION @extschema@._mqtt_history_partition_create(part text, lo timestamptz, hi timestamptz)
 RETURNS boolean LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -1101,12 +1154,10 @@ DECLARE
     owner pg_catalog.oid := (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) parent);
     g record;
 BEGIN
-    IF part IS NULL OR part OPERATOR(pg_catalog.!~) '^mqtt_message_history_[0-9]{8}$' THEN
+    IF part IS NULL OR part OPERATOR(pg_catalog.!~) '^mqtt_message_history_[0-9]{8}(_[0-9])?$' THEN
         RAISE EXCEPTION 'not a name of a daily partition of mqtt_message_history: %', part USING ERRCODE = '22023';
     END IF;
-    -- The worker making the day ahead and a restore making it for its rows can meet: one
-    -- waits for the other, then finds the partition there (false: nothing to do).
-    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('mqtt_pg history partition'), pg_catalog.hashtext(part));
+    -- Made meanwhile (by hand): nothing to do.
     IF pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part)) IS NOT NULL THEN
         RETURN false;
     END IF;
@@ -1129,14 +1180,15 @@ BEGIN
 END
 $$;
 
--- API: Private. Drop one partition of mqtt_message_history (retention): out of the extension
--- first (and so out of its configuration tables), then the table.
+-- API: Private. Drop one partition of mqtt_message_history (retention), named schema-qualified
+-- as _mqtt_history_plan gives it: out of the extension first (and so out of its configuration
+-- tables), then the table.
 CREATE FUNCTION @extschema@._mqtt_history_partition_drop(part text)
 RETURNS void LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    rel pg_catalog.regclass := pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(part));
+    rel pg_catalog.regclass := pg_catalog.to_regclass(part);
 BEGIN
     IF rel IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.pg_inherits i
                                   WHERE i.inhrelid OPERATOR(pg_catalog.=) rel
@@ -1305,17 +1357,31 @@ BEGIN
 END
 $secrets$;
 
--- Subscriptions: the handler as schema-qualified regprocedure text (0.2.0 stores text so that
--- pg_upgrade accepts the table); routing runs as the database owner, who administers them.
+-- Subscriptions, made the database owner's (who administers them; a superuser owner is fine
+-- for plain subscriptions, which route nothing). 0.1.0 reserved handler and target_table and
+-- never used them: carried over they would start routing (and could not, as a superuser), so
+-- they are left out, with a warning naming what to set again with mqtt_subscribe.
 INSERT INTO @extschema@.mqtt_topic
-    (id, broker_id, name, description, qos, retain, subscribe, handler, target_table, owner_role,
+    (id, broker_id, name, description, qos, retain, subscribe, owner_role,
      active, create_date, write_date)
-SELECT t.id, t.broker_id, t.name, t.description, t.qos, t.retain, t.subscribe, t.handler::pg_catalog.text,
-       t.target_table, pg_catalog.pg_get_userbyid(d.datdba)::pg_catalog.text, t.active, t.create_date, t.write_date
+SELECT t.id, t.broker_id, t.name, t.description, t.qos, t.retain, t.subscribe,
+       pg_catalog.pg_get_userbyid(d.datdba)::pg_catalog.text, t.active, t.create_date, t.write_date
 FROM _mqtt_pg_0_1_0.mqtt_topic t
 CROSS JOIN pg_catalog.pg_database d
 WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
 ORDER BY t.id;
+
+DO $reserved$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT o.id, o.name, o.handler, o.target_table FROM _mqtt_pg_0_1_0.mqtt_topic o
+             WHERE o.handler IS NOT NULL OR o.target_table IS NOT NULL ORDER BY o.id LOOP
+        RAISE WARNING 'mqtt_pg: subscription % ("%") had handler % and target_table % set, which 0.1.0 did not use; they were not carried over', t.id, t.name, t.handler, t.target_table
+            USING HINT = 'To route its messages now, call mqtt_subscribe(topic_filter, qos, broker, handler => ..., target_table => ...) as the role the routing should run as.';
+    END LOOP;
+END
+$reserved$;
 
 ALTER TABLE @extschema@.mqtt_broker ENABLE TRIGGER USER;
 ALTER TABLE @extschema@.mqtt_topic ENABLE TRIGGER USER;
@@ -1345,6 +1411,25 @@ SELECT pg_catalog.setval('@extschema@.mqtt_message_history_id_seq', s.last_value
 FROM _mqtt_pg_0_1_0.mqtt_message_history_id_seq s;
 SELECT pg_catalog.setval('@extschema@.mqtt_dead_letter_id_seq', s.last_value, s.is_called)
 FROM _mqtt_pg_0_1_0.mqtt_dead_letter_id_seq s;
+
+-- Privileges of other roles, given again (the install script gave the database owner its own).
+DO $regrant$
+DECLARE
+    g record;
+BEGIN
+    -- not the database owner's: 0.2.0 gives it what it needs (and no longer UPDATE of the
+    -- sealed secrets, which 0.1.0's table-wide UPDATE would bring back)
+    FOR g IN SELECT * FROM _mqtt_pg_0_1_0.grants
+             WHERE grantee OPERATOR(pg_catalog.<>) (SELECT d.datdba FROM pg_catalog.pg_database d
+                                                    WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON @extschema@.%I TO %s%s', g.privilege_type, g.relname,
+            CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$regrant$;
+DROP TABLE _mqtt_pg_0_1_0.grants;
 
 DROP TABLE _mqtt_pg_0_1_0.mqtt_topic, _mqtt_pg_0_1_0.mqtt_outbox, _mqtt_pg_0_1_0.mqtt_message_history,
            _mqtt_pg_0_1_0.mqtt_dead_letter;

@@ -239,7 +239,8 @@ unsafe extern "C-unwind" fn process_utility(
     // SAFETY: as above.
     unsafe {
         guard_extension_schema((*pstmt).utilityStmt);
-        crate::history::before_copy((*pstmt).utilityStmt);
+        let mut read_only_tree = read_only_tree;
+        let pstmt = crate::history::redirect_copy(pstmt, &mut read_only_tree);
         if let Some(db) = exclusive_database((*pstmt).utilityStmt) {
             step_aside(db);
         }

@@ -6,8 +6,9 @@
 //! - `pg_dump` then dumps its rows and not its definition. A partition dumped as an ordinary
 //!   table would not restore as the database owner (attaching it needs the history table's
 //!   owner, a superuser), nor into a database whose worker has made the same day already.
-//! - A restore writes those rows with `COPY mqtt_message_history_YYYYMMDD FROM stdin`; when
-//!   the target database lacks that day, [`before_copy`] makes it first.
+//! - A restore writes those rows with `COPY mqtt_message_history_YYYYMMDD FROM stdin`;
+//!   [`redirect_copy`] sends them through the history table instead, so each row lands in the
+//!   partition that covers its day in the restored database (or its default partition).
 //!
 //! PostgreSQL records membership for objects made while `creating_extension` is set, and
 //! `pg_extension_config_dump` only works then; [`as_member`] sets it for the one call that
@@ -44,8 +45,7 @@ fn as_member<R>(extension: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 }
 
 /// Make the daily partition `part` for [`lo`, `hi`) (timestamptz text), a member of the
-/// extension; false when another session made it meanwhile. Must run as a role that may (the
-/// worker; the extension owner for a restore).
+/// extension; false when it exists already. Only the worker calls it.
 pub fn create_partition(part: &str, lo: &str, hi: &str) -> Result<bool, String> {
     let installed = catalog::installed_or_raise();
     let schema = &installed.schema;
@@ -62,21 +62,30 @@ pub fn create_partition(part: &str, lo: &str, hi: &str) -> Result<bool, String> 
     })
 }
 
-/// Before `COPY mqtt_message_history_YYYYMMDD FROM ...` (a restore of a dump) into a database
-/// that has no partition for that day: make it, so the rows go where they came from. Anything
-/// else is left to PostgreSQL (a missing table of another name fails as it always does).
+/// A restore of a dump writes history with `COPY mqtt_message_history_YYYYMMDD FROM stdin` (and
+/// `mqtt_message_history_default`): the partitions are configuration tables of the extension.
+/// The restored database has partitions of its own days, and its default partition may not take
+/// a row a day partition covers there. So such a COPY goes to the history table itself, which
+/// sends each row to the partition that covers it now. Only for names of our partitions in the
+/// extension's schema that are missing or are partitions of the history table; the caller's
+/// privileges are checked on the history table as for any COPY. Returns the statement to run
+/// (a copy when the tree was read-only and had to change).
 ///
 /// # Safety
-/// `stmt` must be null or a valid utility statement node.
-pub unsafe fn before_copy(stmt: *mut pg_sys::Node) {
+/// `pstmt` must be a valid PlannedStmt of a utility statement.
+pub unsafe fn redirect_copy(
+    pstmt: *mut pg_sys::PlannedStmt,
+    read_only: &mut bool,
+) -> *mut pg_sys::PlannedStmt {
     // SAFETY: the node tag is checked before the cast; names are NUL-terminated strings.
     let (schema, name) = unsafe {
+        let stmt = (*pstmt).utilityStmt;
         if stmt.is_null() || !pgrx::is_a(stmt, pg_sys::NodeTag::T_CopyStmt) {
-            return;
+            return pstmt;
         }
         let copy = stmt as *mut pg_sys::CopyStmt;
         if !(*copy).is_from || (*copy).relation.is_null() {
-            return;
+            return pstmt;
         }
         let rel = (*copy).relation;
         let name = CStr::from_ptr((*rel).relname)
@@ -89,49 +98,110 @@ pub unsafe fn before_copy(stmt: *mut pg_sys::Node) {
         });
         (schema, name)
     };
-    let Some(day) = partition_day(&name) else {
-        return;
-    };
+    if !is_partition_name(&name) {
+        return pstmt;
+    }
     // SAFETY: a plain read of the transaction state.
     if !unsafe { pg_sys::IsTransactionState() } {
-        return;
+        return pstmt;
     }
     let Some(installed) = catalog::installed().filter(|i| i.current()) else {
-        return;
+        return pstmt;
     };
-    if schema.is_some_and(|s| pgrx::spi::quote_identifier(s) != installed.schema) {
-        return;
+    if schema
+        .as_ref()
+        .is_some_and(|s| pgrx::spi::quote_identifier(s) != installed.schema)
+    {
+        return pstmt;
     }
-    // The day as bounds, unless the partition exists after all (or the name is no real day).
-    let wanted = Spi::get_three_with_args::<bool, String, String>(
-        "SELECT pg_catalog.to_regclass($1) IS NULL \
-                AND pg_catalog.to_char(x.d, 'YYYYMMDD') OPERATOR(pg_catalog.=) $2, \
-                (x.d::timestamp AT TIME ZONE 'UTC')::text, \
-                ((x.d OPERATOR(pg_catalog.+) 1)::timestamp AT TIME ZONE 'UTC')::text \
-         FROM (SELECT pg_catalog.to_date($2, 'YYYYMMDD') AS d) x",
+    // Missing, or one of the history table's partitions: then the raw name of the schema.
+    let target = Spi::get_one_with_args::<String>(
+        "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+         WHERE e.oid OPERATOR(pg_catalog.=) $1 \
+           AND (pg_catalog.to_regclass($2) IS NULL \
+                OR EXISTS (SELECT FROM pg_catalog.pg_inherits i \
+                           WHERE i.inhrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($2) \
+                             AND i.inhparent OPERATOR(pg_catalog.=) pg_catalog.to_regclass($3)))",
         &[
+            installed.oid.into(),
             format!(
                 "{}.{}",
                 installed.schema,
                 pgrx::spi::quote_identifier(&name)
             )
             .into(),
-            day.into(),
+            format!("{}.mqtt_message_history", installed.schema).into(),
         ],
     );
-    let Ok((Some(true), Some(lo), Some(hi))) = wanted else {
-        return;
+    let Ok(Some(nspname)) = target else {
+        return pstmt;
     };
-    // The restoring role (the database owner) cannot attach a partition to a table it does not
-    // own: the extension's owner makes it, with its fixed name, bounds and grants.
-    let made = crate::security::as_extension_owner(|| create_partition(&name, &lo, &hi));
-    if let Err(e) = made {
-        warning!("mqtt_pg could not make partition {name} for the rows being restored: {e}");
+    let (Ok(nsp), Ok(parent)) = (
+        std::ffi::CString::new(nspname),
+        std::ffi::CString::new("mqtt_message_history"),
+    ) else {
+        return pstmt;
+    };
+    // SAFETY: a read-only tree is copied before it changes, as ProcessUtility's contract asks;
+    // the new names are palloc'd in the statement's memory context, like the parser's.
+    unsafe {
+        let pstmt = if *read_only {
+            *read_only = false;
+            pg_sys::copyObjectImpl(pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt
+        } else {
+            pstmt
+        };
+        let copy = (*pstmt).utilityStmt as *mut pg_sys::CopyStmt;
+        let rel = (*copy).relation;
+        (*rel).schemaname = pg_sys::pstrdup(nsp.as_ptr());
+        (*rel).relname = pg_sys::pstrdup(parent.as_ptr());
+        pstmt
     }
 }
 
-/// `YYYYMMDD` of a daily partition's name, if `name` is one.
-fn partition_day(name: &str) -> Option<String> {
-    let day = name.strip_prefix("mqtt_message_history_")?;
-    (day.len() == 8 && day.bytes().all(|b| b.is_ascii_digit())).then(|| day.to_string())
+/// Is `name` one our history partitions may have: `mqtt_message_history_default`, or
+/// `mqtt_message_history_YYYYMMDD`, possibly with `_2` .. `_9` (see `_mqtt_history_plan`)?
+fn is_partition_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("mqtt_message_history_") else {
+        return false;
+    };
+    if rest == "default" {
+        return true;
+    }
+    let (day, suffix) = rest.split_at(rest.len().min(8));
+    day.len() == 8
+        && day.bytes().all(|b| b.is_ascii_digit())
+        && (suffix.is_empty()
+            || (suffix.len() == 2
+                && suffix.starts_with('_')
+                && suffix.as_bytes()[1].is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_partition_name;
+
+    #[test]
+    fn partition_names() {
+        for ok in [
+            "mqtt_message_history_default",
+            "mqtt_message_history_20261207",
+            "mqtt_message_history_20261207_2",
+        ] {
+            assert!(is_partition_name(ok), "{ok}");
+        }
+        for no in [
+            "mqtt_message_history",
+            "mqtt_message_history_",
+            "mqtt_message_history_2026120",
+            "mqtt_message_history_2026120x",
+            "mqtt_message_history_20261207_",
+            "mqtt_message_history_20261207_10",
+            "mqtt_message_history_text",
+            "mqtt_outbox",
+        ] {
+            assert!(!is_partition_name(no), "{no}");
+        }
+    }
 }

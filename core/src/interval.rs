@@ -45,11 +45,13 @@ pub fn parse_retention(text: &str) -> Result<Retention, String> {
             "\"{text}\" must be longer than zero (leave the setting empty to keep everything)"
         ));
     }
-    // More than ten thousand years is "keep everything" in all but name; bound it so the
-    // conversion cannot overflow.
-    const MAX_SECONDS: f64 = 10_000.0 * 365.25 * 86_400.0;
+    // Beyond a thousand years, "now() - retention" leaves timestamptz's range (4713 BC) in a
+    // few thousand years' time; nobody means more: leave the setting empty to keep everything.
+    const MAX_SECONDS: f64 = 1_000.0 * 365.25 * 86_400.0;
     if total > MAX_SECONDS {
-        return Err(format!("\"{text}\" is longer than 10000 years"));
+        return Err(format!(
+            "\"{text}\" is longer than 1000 years (leave the setting empty to keep everything)"
+        ));
     }
     Ok(Some(Duration::from_secs_f64(total)))
 }
@@ -146,6 +148,7 @@ mod tests {
         assert_eq!(secs("6 months"), 180 * DAY);
         assert_eq!(secs("1 year"), 365 * DAY + 6 * 3600);
         assert_eq!(secs("1.5 days"), DAY + DAY / 2);
+        assert_eq!(secs("1000 years"), 365_250 * DAY);
         assert_eq!(secs("  7 DAYS "), 7 * DAY);
     }
 
@@ -160,6 +163,7 @@ mod tests {
             "1 day and more",
             "1..2 days",
             "20000 years",
+            "1001 years",
             "1 day,",
         ] {
             assert!(parse_retention(bad).is_err(), "{bad:?} was accepted");

@@ -48,17 +48,31 @@ BEGIN
 END
 $secrets$;
 
--- Subscriptions: the handler as schema-qualified regprocedure text (0.2.0 stores text so that
--- pg_upgrade accepts the table); routing runs as the database owner, who administers them.
+-- Subscriptions, made the database owner's (who administers them; a superuser owner is fine
+-- for plain subscriptions, which route nothing). 0.1.0 reserved handler and target_table and
+-- never used them: carried over they would start routing (and could not, as a superuser), so
+-- they are left out, with a warning naming what to set again with mqtt_subscribe.
 INSERT INTO @extschema@.mqtt_topic
-    (id, broker_id, name, description, qos, retain, subscribe, handler, target_table, owner_role,
+    (id, broker_id, name, description, qos, retain, subscribe, owner_role,
      active, create_date, write_date)
-SELECT t.id, t.broker_id, t.name, t.description, t.qos, t.retain, t.subscribe, t.handler::pg_catalog.text,
-       t.target_table, pg_catalog.pg_get_userbyid(d.datdba)::pg_catalog.text, t.active, t.create_date, t.write_date
+SELECT t.id, t.broker_id, t.name, t.description, t.qos, t.retain, t.subscribe,
+       pg_catalog.pg_get_userbyid(d.datdba)::pg_catalog.text, t.active, t.create_date, t.write_date
 FROM _mqtt_pg_0_1_0.mqtt_topic t
 CROSS JOIN pg_catalog.pg_database d
 WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
 ORDER BY t.id;
+
+DO $reserved$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT o.id, o.name, o.handler, o.target_table FROM _mqtt_pg_0_1_0.mqtt_topic o
+             WHERE o.handler IS NOT NULL OR o.target_table IS NOT NULL ORDER BY o.id LOOP
+        RAISE WARNING 'mqtt_pg: subscription % ("%") had handler % and target_table % set, which 0.1.0 did not use; they were not carried over', t.id, t.name, t.handler, t.target_table
+            USING HINT = 'To route its messages now, call mqtt_subscribe(topic_filter, qos, broker, handler => ..., target_table => ...) as the role the routing should run as.';
+    END LOOP;
+END
+$reserved$;
 
 ALTER TABLE @extschema@.mqtt_broker ENABLE TRIGGER USER;
 ALTER TABLE @extschema@.mqtt_topic ENABLE TRIGGER USER;
@@ -88,6 +102,25 @@ SELECT pg_catalog.setval('@extschema@.mqtt_message_history_id_seq', s.last_value
 FROM _mqtt_pg_0_1_0.mqtt_message_history_id_seq s;
 SELECT pg_catalog.setval('@extschema@.mqtt_dead_letter_id_seq', s.last_value, s.is_called)
 FROM _mqtt_pg_0_1_0.mqtt_dead_letter_id_seq s;
+
+-- Privileges of other roles, given again (the install script gave the database owner its own).
+DO $regrant$
+DECLARE
+    g record;
+BEGIN
+    -- not the database owner's: 0.2.0 gives it what it needs (and no longer UPDATE of the
+    -- sealed secrets, which 0.1.0's table-wide UPDATE would bring back)
+    FOR g IN SELECT * FROM _mqtt_pg_0_1_0.grants
+             WHERE grantee OPERATOR(pg_catalog.<>) (SELECT d.datdba FROM pg_catalog.pg_database d
+                                                    WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON @extschema@.%I TO %s%s', g.privilege_type, g.relname,
+            CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$regrant$;
+DROP TABLE _mqtt_pg_0_1_0.grants;
 
 DROP TABLE _mqtt_pg_0_1_0.mqtt_topic, _mqtt_pg_0_1_0.mqtt_outbox, _mqtt_pg_0_1_0.mqtt_message_history,
            _mqtt_pg_0_1_0.mqtt_dead_letter;

@@ -40,6 +40,30 @@ BEGIN
                       WHERE e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
                         AND e.objid OPERATOR(pg_catalog.=) COALESCE(r.ev_class, c.conrelid)
                         AND e.deptype OPERATOR(pg_catalog.=) 'e');
+    -- Indexes and triggers of your own on the tables would go with them too.
+    SELECT pg_catalog.concat_ws(', ', blockers, pg_catalog.string_agg(o.what, ', '))
+    INTO blockers
+    FROM (SELECT pg_catalog.format('index %s', i.indexrelid::pg_catalog.regclass) AS what
+          FROM pg_catalog.pg_index i
+          JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) i.indrelid
+          JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+          WHERE t.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+            AND t.relname OPERATOR(pg_catalog.=) ANY (ARRAY['mqtt_broker', 'mqtt_topic', 'mqtt_outbox',
+                                                             'mqtt_message_history', 'mqtt_dead_letter'])
+            AND x.relname OPERATOR(pg_catalog.<>) ALL (ARRAY['mqtt_broker_pkey', 'mqtt_broker_name_key',
+                'mqtt_broker_one_default', 'mqtt_topic_pkey', 'mqtt_topic_broker_id_name_key',
+                'mqtt_message_history_pkey', 'mqtt_message_history_timestamp', 'mqtt_outbox_pkey',
+                'mqtt_outbox_broker', 'mqtt_dead_letter_pkey'])
+          UNION ALL
+          SELECT pg_catalog.format('trigger %I on %s', g.tgname, g.tgrelid::pg_catalog.regclass)
+          FROM pg_catalog.pg_trigger g
+          JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) g.tgrelid
+          WHERE NOT g.tgisinternal
+            AND t.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+            AND t.relname OPERATOR(pg_catalog.=) ANY (ARRAY['mqtt_broker', 'mqtt_topic', 'mqtt_outbox',
+                                                             'mqtt_message_history', 'mqtt_dead_letter'])
+            AND g.tgname OPERATOR(pg_catalog.<>) ALL (ARRAY['mqtt_broker_changed', 'mqtt_topic_changed'])) o;
+    blockers := NULLIF(blockers, '');
     IF blockers IS NOT NULL THEN
         RAISE EXCEPTION 'cannot update mqtt_pg from 0.1.0: objects of your own depend on its tables: %', blockers
             USING ERRCODE = '2BP01',
@@ -49,6 +73,15 @@ END
 $check$;
 
 CREATE SCHEMA _mqtt_pg_0_1_0;
+-- Privileges other roles were given on the tables and the view (GRANT SELECT ON
+-- mqtt_message_history TO reporting, say) are given again on the new ones (part 3).
+CREATE TABLE _mqtt_pg_0_1_0.grants AS
+SELECT c.relname::text AS relname, a.privilege_type, a.grantee, a.is_grantable
+FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+WHERE c.relnamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+  AND c.relname OPERATOR(pg_catalog.=) ANY (ARRAY['mqtt_broker', 'mqtt_topic', 'mqtt_outbox', 'mqtt_message_history',
+                                                   'mqtt_dead_letter', 'mqtt_message_history_text'])
+  AND a.grantee OPERATOR(pg_catalog.<>) c.relowner;
 DROP VIEW @extschema@.mqtt_message_history_text;
 DROP TRIGGER mqtt_broker_changed ON @extschema@.mqtt_broker;
 DROP TRIGGER mqtt_topic_changed ON @extschema@.mqtt_topic;

@@ -124,8 +124,13 @@ struct QueueFigures {
     dead_letters_exact: bool,
 }
 
+/// Read as the extension's owner: a monitoring role that may read the broker row (checked by
+/// `resolve` above, as the caller) learns how many messages wait and how old the oldest is,
+/// without the right to read their payloads.
 fn queue_figures(client: &SpiClient<'_>, schema: &str, broker_id: i32) -> QueueFigures {
-    index_scans_only(|| read_queue_figures(client, schema, broker_id))
+    crate::security::as_extension_owner(|| {
+        index_scans_only(|| read_queue_figures(client, schema, broker_id))
+    })
 }
 
 /// Run `f` with the planner held to index scans, as a function's SET clauses would (settings
@@ -190,9 +195,11 @@ fn read_queue_figures(client: &SpiClient<'_>, schema: &str, broker_id: i32) -> Q
 
 /// The broker's rows in `table` (which has an index on (broker_id, id)): exact up to
 /// EXACT_UP_TO, read off the index; above that an estimate, and false. The estimate is the
-/// span of the broker's ids (exact for one busy broker whose ids are dense), bounded by the
-/// table's live-row count from the statistics once they have caught up (several brokers'
-/// interleaved ids would make the span too large); never below EXACT_UP_TO.
+/// broker's share (ANALYZE's most common values) of the rows ANALYZE counted (reltuples, which
+/// agrees with those shares; the live-row counter can count a bulk insert twice around an
+/// ANALYZE) when there are statistics, else the span of the broker's ids (exact for one busy broker
+/// whose ids are dense) bounded by the table's live rows; never above that span, nor below
+/// EXACT_UP_TO.
 fn bounded_count(client: &SpiClient<'_>, schema: &str, table: &str, broker_id: i32) -> (i64, bool) {
     let sql = format!(
         "WITH b AS (SELECT pg_catalog.count(*) AS n FROM \
@@ -200,13 +207,28 @@ fn bounded_count(client: &SpiClient<'_>, schema: &str, table: &str, broker_id: i
                        LIMIT $2 OPERATOR(pg_catalog.+) 1) s) \
          SELECT b.n, \
            CASE WHEN b.n OPERATOR(pg_catalog.>) $2 THEN ( \
-             SELECT CASE WHEN n.live OPERATOR(pg_catalog.>) $2 THEN LEAST(n.span, n.live) ELSE n.span END \
+             SELECT CASE WHEN n.freq IS NOT NULL AND n.analyzed OPERATOR(pg_catalog.>) $2 \
+                           THEN LEAST(n.span, GREATEST((n.freq OPERATOR(pg_catalog.*) n.analyzed)::pg_catalog.int8, \
+                                                       $2 OPERATOR(pg_catalog.+) 1)) \
+                         WHEN n.live OPERATOR(pg_catalog.>) $2 THEN LEAST(n.span, n.live) \
+                         ELSE n.span END \
              FROM (SELECT pg_catalog.pg_stat_get_live_tuples('{schema}.{table}'::pg_catalog.regclass) AS live, \
+                     (SELECT c.reltuples FROM pg_catalog.pg_class c \
+                      WHERE c.oid OPERATOR(pg_catalog.=) '{schema}.{table}'::pg_catalog.regclass) AS analyzed, \
                      (SELECT t.id FROM {schema}.{table} t WHERE t.broker_id OPERATOR(pg_catalog.=) $1 \
                       ORDER BY t.broker_id DESC, t.id DESC LIMIT 1) \
                      OPERATOR(pg_catalog.-) \
                      (SELECT t.id FROM {schema}.{table} t WHERE t.broker_id OPERATOR(pg_catalog.=) $1 \
-                      ORDER BY t.broker_id, t.id LIMIT 1) OPERATOR(pg_catalog.+) 1 AS span) n) END \
+                      ORDER BY t.broker_id, t.id LIMIT 1) OPERATOR(pg_catalog.+) 1 AS span, \
+                     (SELECT m.f FROM pg_catalog.pg_stats st, \
+                        ROWS FROM (pg_catalog.unnest(st.most_common_vals::text::pg_catalog.int4[]), \
+                                   pg_catalog.unnest(st.most_common_freqs)) AS m(v, f) \
+                      WHERE st.schemaname OPERATOR(pg_catalog.=) (SELECT ns.nspname FROM pg_catalog.pg_namespace ns \
+                              JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) ns.oid \
+                              WHERE c.oid OPERATOR(pg_catalog.=) '{schema}.{table}'::pg_catalog.regclass) \
+                        AND st.tablename OPERATOR(pg_catalog.=) '{table}' \
+                        AND st.attname OPERATOR(pg_catalog.=) 'broker_id' \
+                        AND m.v OPERATOR(pg_catalog.=) $1) AS freq) n) END \
          FROM b"
     );
     let row = client

@@ -62,7 +62,7 @@ fn interval_literal(d: Duration) -> String {
 /// Carry out `_mqtt_history_plan`: each step on its own (a partition another session holds
 /// locked must not keep the others from being made or dropped). Returns what was done; the
 /// first failure as the error, after the other steps had their turn.
-fn keep_partitions(schema: &str, keep: Option<String>) -> Result<Vec<String>, String> {
+fn keep_partitions(schema: &str, dboid: u32, keep: Option<String>) -> Result<Vec<String>, String> {
     let plan = subxact::run(|| {
         Spi::connect(|client| {
             let rows = client
@@ -125,7 +125,7 @@ fn keep_partitions(schema: &str, keep: Option<String>) -> Result<Vec<String>, St
         // What was done is logged either way.
         Some(e) => {
             for what in &done {
-                log!("mqtt_pg history maintenance: {what} (and then a step failed)");
+                log!("mqtt_pg history maintenance in database {dboid}: {what}");
             }
             Err(e)
         }
@@ -152,7 +152,7 @@ pub fn run(schema: &str, dboid: u32) {
                 false,
             );
         }
-        let partitions = keep_partitions(schema, history.clone());
+        let partitions = keep_partitions(schema, dboid, history.clone());
         let mut expired = 0i64;
         let mut dead_error = None;
         if let Some(keep) = &dead {

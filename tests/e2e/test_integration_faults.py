@@ -148,7 +148,10 @@ def test_copy_into_a_watched_table_publishes(watched, mosq, topic):
             # in the outbox at the end of the COPY, as after any other statement
             assert o.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] >= 1
         assert ops(sub, 3) == [("insert", {"id": i, "v": v}) for i, v in ((1, "a"), (2, "b/c"), (3, "d"))]
-    assert o.execute("SELECT count(*) FROM mqtt_message_history WHERE direction = 'send'").fetchone()[0] == 3
+    # a delivery is recorded once the broker's acknowledgement is back, which may be after the
+    # subscriber has the message
+    wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_message_history WHERE direction = 'send'").fetchone()[0] == 3,
+             message="3 deliveries recorded")
 
 
 def test_deferred_publish_trigger_and_cursors_at_commit(watched, mosq, topic):

@@ -153,6 +153,45 @@ def test_status_view_stays_cheap_with_a_large_queue(oc, fresh_mosq, topic):
     oc.execute("DELETE FROM mqtt_outbox WHERE broker_id = (SELECT id FROM mqtt_broker WHERE name = %s)", (name,))
 
 
+def test_status_view_estimates_each_brokers_share(oc, fresh_mosq, topic):
+    """Two brokers' queued rows interleaved (their id spans overlap): once the table has
+    statistics, each broker's estimate is its share of the live rows."""
+    a = add_broker(oc, fresh_mosq.port, start=False)
+    b = add_broker(oc, fresh_mosq.port, start=False)
+    oc.execute("SELECT count(mqtt_publish(%s, 'q', 0, false, CASE WHEN i %% 26 < 15 THEN %s ELSE %s END)) "
+               "FROM generate_series(1, 26000) i", (topic, a, b))
+    oc.execute("ANALYZE mqtt_outbox")
+    oc.execute("SELECT pg_stat_force_next_flush()")
+    got = {r[0]: (r[1], r[2]) for r in oc.execute(
+        "SELECT name, outbox_depth, outbox_depth_exact FROM mqtt_broker_status WHERE name IN (%s, %s)", (a, b)).fetchall()}
+    assert got[a][1] is False and got[b][1] is False
+    assert got[a][0] == pytest.approx(15_000, rel=0.1)
+    assert got[b][0] == pytest.approx(11_000, rel=0.1)
+    oc.execute("DELETE FROM mqtt_broker WHERE name IN (%s, %s)", (a, b))
+
+
+def test_status_view_for_a_monitoring_role(ops_pg, oc, fresh_mosq, topic):
+    """A role that may read the broker rows' names sees the queue figures without the right to
+    read the queued payloads."""
+    name = add_broker(oc, fresh_mosq.port, start=False)
+    oc.execute("SELECT mqtt_publish(%s, 'secret payload', 1, false, %s) FROM generate_series(1, 5)", (topic, name))
+    role = unique("monitor")
+    oc.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    oc.execute(sql.SQL("GRANT SELECT (id, name, active, client_id) ON mqtt_broker TO {}").format(sql.Identifier(role)))
+    oc.execute(sql.SQL("GRANT SELECT ON mqtt_broker_status TO {}").format(sql.Identifier(role)))
+    try:
+        with ops_pg.connect(TEST_DB) as c:
+            c.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            row = c.execute("SELECT outbox_depth, status FROM mqtt_broker_status WHERE name = %s", (name,)).fetchone()
+            assert row == (5, "stopped")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT payload FROM mqtt_outbox").fetchall()
+    finally:
+        oc.execute("DELETE FROM mqtt_broker WHERE name = %s", (name,))
+        oc.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        oc.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_status_view_privileges(ops_pg, oc, fresh_mosq):
     """A role with no privilege on mqtt_broker reads nothing through the view (security_invoker);
     the database owner reads it."""
@@ -218,7 +257,7 @@ def test_log_messages_and_connections(ops_pg, oc, fresh_mosq, topic):
     oc.execute("SELECT mqtt_stop_listener(%s)", (name,))
 
 
-@pytest.mark.parametrize("value", ["30", "2 fortnights", "0 days", "-1 day", "days"])
+@pytest.mark.parametrize("value", ["30", "2 fortnights", "0 days", "-1 day", "days", "9000 years"])
 def test_retention_settings_refuse_bad_values(oc, value):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
         oc.execute(sql.SQL("ALTER SYSTEM SET mqtt_pg.history_retention = {}").format(sql.Literal(value)))
@@ -385,11 +424,11 @@ def test_maintenance_functions_are_not_for_users(ops_pg, oc):
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(owner)))
 
 
-def test_dump_and_restore_keep_history_partitions(ops_pg, mosquitto_factory):
+def test_dump_and_restore_keep_history_partitions(ops_pg):
     """Odoo's backup (pg_dump as the owner) and restore (as the owner, into a database a
-    superuser made with the extension) keep every history row in its day's partition, also
-    for a day the restored database has no partition of (it is made on the way); a role that
-    may not write history cannot make partitions that way."""
+    superuser made with the extension, whose worker has made its own days) keep every history
+    row: the partitions' rows are written through the history table, so each lands where the
+    restored database keeps its day; a role that may not write history gets nothing in."""
     owner = unique("owner")
     src, dst = unique("src"), unique("dst")
     with ops_pg.connect() as admin:
@@ -398,45 +437,44 @@ def test_dump_and_restore_keep_history_partitions(ops_pg, mosquitto_factory):
             admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(d), sql.Identifier(owner)))
             with ops_pg.connect(d) as su:
                 su.execute("CREATE EXTENSION mqtt_pg")
-    past = utc_day(-10)
-    past_part = f"mqtt_message_history_{past:%Y%m%d}"
+    today = f"mqtt_message_history_{utc_day(0):%Y%m%d}"
     try:
         def as_owner(d):
             return psycopg.connect(host=HOST, port=ops_pg.port, user=owner, dbname=d, autocommit=True)
 
         with as_owner(src) as c:
-            wait_for(lambda: c.execute("SELECT to_regclass(%s)", (f"mqtt_message_history_{utc_day(0):%Y%m%d}",)).fetchone()[0],
-                     message="today's partition in the source")
+            wait_for(lambda: c.execute("SELECT to_regclass(%s)", (today,)).fetchone()[0], message="today's partition")
             c.execute("INSERT INTO mqtt_message_history (topic, payload, qos, direction) VALUES ('today', 'a', 0, 'receive')")
-            # a restore-style COPY into a day the database lacks makes that day's partition
-            with c.cursor().copy(sql.SQL("COPY {} (topic, payload, qos, direction, \"timestamp\") FROM STDIN").format(
-                    sql.Identifier(past_part))) as cp:
-                cp.write_row(("past", b"b", 0, "receive", dt.datetime.combine(past, dt.time(12), dt.timezone.utc)))
-            assert c.execute("SELECT tableoid::regclass::text FROM mqtt_message_history WHERE topic = 'past'").fetchone()[0] == past_part
-            want = c.execute("SELECT topic, payload, tableoid::regclass::text FROM mqtt_message_history ORDER BY id").fetchall()
+            c.execute("INSERT INTO mqtt_message_history (topic, payload, qos, direction, \"timestamp\") "
+                      "VALUES ('past', 'b', 0, 'receive', now() - interval '10 days')")
+            want = c.execute("SELECT id, topic, payload FROM mqtt_message_history ORDER BY id").fetchall()
+        with as_owner(dst) as c:
+            wait_for(lambda: c.execute("SELECT to_regclass(%s)", (today,)).fetchone()[0],
+                     message="today's partition in the restored database")
         dump = subprocess.run([str(PG_BIN / "pg_dump"), "-h", HOST, "-p", str(ops_pg.port), "-U", owner, src],
                               capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0, dump.stderr
-        assert f"CREATE TABLE public.{past_part}" not in dump.stdout, "partitions are the extension's: rows only"
-        assert f"COPY public.{past_part}" in dump.stdout
+        assert f"CREATE TABLE public.{today}" not in dump.stdout, "partitions are the extension's: rows only"
+        assert f"COPY public.{today}" in dump.stdout
         r = subprocess.run([str(PG_BIN / "psql"), "-h", HOST, "-p", str(ops_pg.port), "-U", owner, "-d", dst,
                             "-v", "ON_ERROR_STOP=1", "-q"], input=dump.stdout, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "ERROR" in l)
         with as_owner(dst) as c:
-            got = c.execute("SELECT topic, payload, tableoid::regclass::text FROM mqtt_message_history ORDER BY id").fetchall()
+            got = c.execute("SELECT id, topic, payload FROM mqtt_message_history ORDER BY id").fetchall()
             assert got == want
-            member = c.execute("SELECT count(*) FROM pg_depend WHERE objid = %s::regclass AND deptype = 'e'",
-                               (past_part,)).fetchone()[0]
-            assert member == 1
-        # a role without INSERT on history: its COPY fails and leaves no partition behind
+            where = dict(c.execute("SELECT topic, tableoid::regclass::text FROM mqtt_message_history").fetchall())
+            assert where == {"today": today, "past": "mqtt_message_history_default"}
+        # a role without INSERT on history gets nothing in by naming a partition
         stranger = unique("stranger")
         with ops_pg.connect(dst) as su:
             su.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(stranger)))
         try:
             with psycopg.connect(host=HOST, port=ops_pg.port, user=stranger, dbname=dst, autocommit=True) as c:
-                with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    with c.cursor().copy("COPY mqtt_message_history_20300101 (topic, payload, qos, direction) FROM STDIN") as cp:
-                        cp.write_row(("x", b"x", 0, "receive"))
+                for part in (today, "mqtt_message_history_20300101", "mqtt_message_history_default"):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        with c.cursor().copy(sql.SQL("COPY {} (topic, payload, qos, direction) FROM STDIN").format(
+                                sql.Identifier(part))) as cp:
+                            cp.write_row(("x", b"x", 0, "receive"))
                 assert c.execute("SELECT to_regclass('mqtt_message_history_20300101')").fetchone()[0] is None
         finally:
             with ops_pg.connect(dst) as su:
@@ -446,3 +484,17 @@ def test_dump_and_restore_keep_history_partitions(ops_pg, mosquitto_factory):
             for d in (src, dst):
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(d)))
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(owner)))
+
+
+def test_a_taken_partition_name_does_not_stop_the_day(oc):
+    """A table of the owner's named like a coming day's partition: the day gets its partition
+    under another name all the same."""
+    day = utc_day(5)
+    name = f"mqtt_message_history_{day:%Y%m%d}"
+    oc.execute(sql.SQL("CREATE TABLE {} (x int)").format(sql.Identifier(name)))
+    try:
+        plan = oc.execute("SELECT action, part FROM _mqtt_history_plan(NULL, 3, now() + interval '2 days')").fetchall()
+        assert ("create", f"{name}_2") in plan
+        assert ("create", name) not in plan
+    finally:
+        oc.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))

@@ -89,6 +89,14 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
         c.execute("SELECT setval('mqtt_broker_id_seq', 9)")
         c.execute("INSERT INTO mqtt_topic (broker_id, name, qos, subscribe) VALUES (7, %s, 1, true), (9, 'x/#', 0, true)",
                   (f"{topic}/in/#",))
+        # 0.1.0 reserved handler and target_table without using them
+        c.execute("INSERT INTO mqtt_topic (broker_id, name, handler, target_table) "
+                  "VALUES (9, 'reserved/#', 'pg_catalog.now()', 'pg_catalog.pg_class')")
+        # a role of the DBA's with a grant on history
+        reporting = unique("reporting")
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(reporting)))
+        c.execute(sql.SQL("GRANT SELECT ON mqtt_message_history, mqtt_message_history_text TO {}").format(
+            sql.Identifier(reporting)))
         c.execute("INSERT INTO mqtt_outbox (broker_id, topic, payload, qos) "
                   "SELECT 7, %s, convert_to('m' || i, 'UTF8'), 1 FROM generate_series(1, %s) i", (f"{topic}/out", QUEUED))
         c.execute("INSERT INTO mqtt_message_history (broker_id, topic, payload, qos, direction, \"timestamp\") "
@@ -113,7 +121,10 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
     sub = mqtt_sub(mosq.port, f"{topic}/out", qos=1)
     try:
         with db(cluster, old) as c:
+            warnings = []
+            c.add_notice_handler(lambda n: warnings.append(n.message_primary or ""))
             c.execute("ALTER EXTENSION mqtt_pg UPDATE")
+            assert any("reserved/#" in w and "not carried over" in w for w in warnings), warnings
             assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.2.0"
             assert cluster.worker_pids(old), "the worker ran through the update"
             # the queued messages go out, once each, in order
@@ -140,9 +151,17 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
             assert b == (None, True, "odoo")
             assert c.execute("SELECT nextval('mqtt_broker_id_seq')").fetchone()[0] == 10
             assert c.execute("SELECT nextval('mqtt_outbox_id_seq')").fetchone()[0] > max(outbox_ids)
-            topics = c.execute("SELECT broker_id, name, qos, subscribe, owner_role FROM mqtt_topic ORDER BY id").fetchall()
-            assert [t[:4] for t in topics] == [(7, f"{topic}/in/#", 1, True), (9, "x/#", 0, True)]
-            assert all(t[4] == "postgres" for t in topics), "routing runs as the database owner"
+            topics = c.execute("SELECT broker_id, name, qos, subscribe, owner_role, handler, target_table "
+                               "FROM mqtt_topic ORDER BY id").fetchall()
+            assert [t[:4] for t in topics] == [(7, f"{topic}/in/#", 1, True), (9, "x/#", 0, True),
+                                               (9, "reserved/#", 0, False)]
+            assert all(t[4] == "postgres" for t in topics), "subscriptions belong to the database owner"
+            assert all(t[5] is None and t[6] is None for t in topics), "0.1.0's unused routing is not switched on"
+            # the DBA's grant is there again, on the new table and view
+            assert c.execute("SELECT has_table_privilege(%s, 'mqtt_message_history', 'SELECT'), "
+                             "has_table_privilege(%s, 'mqtt_message_history_text', 'SELECT'), "
+                             "has_table_privilege(%s, 'mqtt_outbox', 'SELECT')",
+                             (reporting, reporting, reporting)).fetchone() == (True, True, False)
             # the subscription works: a message in is stored
             wait_status(c, "plant", "connected")
             c.execute("SELECT mqtt_publish(%s, 'after', 1)", (f"{topic}/in/x",))
@@ -159,25 +178,50 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
         # the worker keeps making daily partitions after the update
         wait_for(lambda: len(day_partitions(a)) >= 3, message="daily partitions in the upgraded database")
         assert catalog_facts(a) == catalog_facts(b)
+    # a dump of the upgraded database restores (as Odoo's restore does: into a database with the
+    # extension, whose worker has made today's partition, while the old history sits in the
+    # default partition and covers today)
+    target = unique("restored")
+    cluster.create_database(target)
+    with db(cluster, target) as t:
+        t.execute("CREATE EXTENSION mqtt_pg")
+        wait_for(lambda: len(day_partitions(t)) >= 4, message="the restored database's partitions")
+    dump = subprocess.run([str(PG_BIN / "pg_dump"), "-h", HOST, "-p", str(cluster.port), "-U", "postgres", old],
+                          check=True, capture_output=True, text=True).stdout
+    r = subprocess.run([str(PG_BIN / "psql"), "-h", HOST, "-p", str(cluster.port), "-U", "postgres", "-d", target,
+                        "-v", "ON_ERROR_STOP=1", "-q"], input=dump, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "ERROR" in l)
+    count = "SELECT count(*), sum(hashtext(h::text)) FROM mqtt_message_history h"
+    with db(cluster, old) as a, db(cluster, target) as t:
+        assert t.execute(count).fetchone() == a.execute(count).fetchone()
+
     upgraded, installed = schema_dump(cluster, old), schema_dump(cluster, fresh)
     diff = "\n".join(difflib.unified_diff(installed.splitlines(), upgraded.splitlines(), "fresh 0.2.0", "upgraded",
                                           lineterm="", n=1))
     assert upgraded == installed, f"the upgraded schema differs from a fresh install:\n{diff}"
 
 
-def test_upgrade_refuses_when_own_views_depend(cluster):
+def test_upgrade_refuses_when_own_objects_depend(cluster):
+    """A view, an index or a trigger of the DBA's on the old tables would go with them: the
+    update refuses, names them, and changes nothing."""
     name = unique("upv")
     cluster.create_database(name)
     with db(cluster, name) as c:
         c.execute("CREATE EXTENSION mqtt_pg VERSION '0.1.0'")
         c.execute("CREATE VIEW my_history AS SELECT id, topic FROM mqtt_message_history")
+        c.execute("CREATE INDEX my_topic_idx ON mqtt_message_history (topic)")
+        c.execute("CREATE FUNCTION my_trg() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'")
+        c.execute("CREATE TRIGGER my_trigger BEFORE INSERT ON mqtt_outbox FOR EACH ROW EXECUTE FUNCTION my_trg()")
         with pytest.raises(psycopg.errors.DependentObjectsStillExist) as e:
             c.execute("ALTER EXTENSION mqtt_pg UPDATE")
-        assert "my_history" in e.value.diag.message_primary
+        for what in ("my_history", "my_topic_idx", "my_trigger"):
+            assert what in e.value.diag.message_primary
         assert "Drop them" in (e.value.diag.message_hint or "")
         # nothing changed
         assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.1.0"
         c.execute("DROP VIEW my_history")
+        c.execute("DROP INDEX my_topic_idx")
+        c.execute("DROP TRIGGER my_trigger ON mqtt_outbox")
         c.execute("ALTER EXTENSION mqtt_pg UPDATE")
         assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.2.0"
 
