@@ -128,6 +128,52 @@ pub fn init() {
 
 const PREFIX: &CStr = c"mqtt_pg";
 
+/// Set a PostgreSQL setting for the rest of the current transaction, as `SET LOCAL` does.
+pub fn set_local(name: &CStr, value: &CStr) {
+    // SAFETY: set_config_option with GUC_ACTION_LOCAL inside a transaction; the transaction's
+    // end puts the setting back.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Run `f` with `settings` in force, as a function's `SET` clauses run its body: they, and
+/// anything `f` sets, go back as they were afterwards (or at transaction abort if `f` raises).
+pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
+    // SAFETY: a GUC nest level, as fmgr_security_definer opens one for its SET clauses; closed
+    // below, or by transaction abort.
+    let nest = unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        for (name, value) in settings {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        nest
+    };
+    let out = f();
+    // SAFETY: closes the level opened above. false: as at an abort, every setting changed
+    // inside goes back, a plain SET (or set_config(..., false)) included.
+    unsafe { pg_sys::AtEOXact_GUC(false, nest) };
+    out
+}
+
 /// Define a retention setting whose value must parse (see `mqtt_pg_core::interval`).
 fn define_retention(name: &CStr, short: &CStr, long: &CStr, value: *mut *mut c_char) {
     // SAFETY: called from _PG_init; `value` is a static that PostgreSQL owns from now on, as

@@ -138,28 +138,14 @@ fn queue_figures(client: &SpiClient<'_>, schema: &str, broker_id: i32) -> QueueF
 /// entries; but right after a bulk publish the table has no statistics yet, and the planner
 /// then guesses a small table and picks a sequential scan, or a sort, over a million rows.
 fn index_scans_only<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: a GUC nest level, as fmgr_security_definer opens one for its SET clauses; closed
-    // below, or by transaction abort if `f` raises.
-    let nest = unsafe {
-        let nest = pg_sys::NewGUCNestLevel();
-        for name in [c"enable_seqscan", c"enable_sort", c"enable_bitmapscan"] {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                c"off".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-        nest
-    };
-    let out = f();
-    // SAFETY: closes the level opened above; false puts the three settings back.
-    unsafe { pg_sys::AtEOXact_GUC(false, nest) };
-    out
+    crate::gucs::with_settings(
+        &[
+            (c"enable_seqscan", c"off"),
+            (c"enable_sort", c"off"),
+            (c"enable_bitmapscan", c"off"),
+        ],
+        f,
+    )
 }
 
 fn read_queue_figures(client: &SpiClient<'_>, schema: &str, broker_id: i32) -> QueueFigures {

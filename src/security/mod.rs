@@ -41,45 +41,27 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// Run `f` as `role` with `search_path`, in a restricted security context, as
 /// [`as_extension_owner`] does. Settings `f` changes (SET or SET LOCAL in a handler) end with it.
 pub fn as_role<R>(role: pg_sys::Oid, search_path: &std::ffi::CStr, f: impl FnOnce() -> R) -> R {
-    let owner = role;
-    // SAFETY: a GUC nest level, as fmgr_security_definer opens one for its SET clauses; it is
-    // closed below, or by transaction abort.
-    let nest = unsafe {
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            search_path.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        nest
-    };
-    let mut saved_user = pg_sys::InvalidOid;
-    let mut saved_context = 0i32;
-    // SAFETY: save and set this backend's user id and security context, as ri_triggers.c does
-    // around its queries; the saved pair is put back below, and transaction abort puts it back
-    // if `f` raises.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            saved_context
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
-    }
-    let out = f();
-    // SAFETY: restores what was saved above.
-    unsafe {
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
-        // false: as at an abort, every setting changed inside goes back, a plain SET (or
-        // set_config(..., false)) in a handler included. With true a session-level SET would
-        // outlive `f` and stay in force for whatever the caller (the worker) runs next.
-        pg_sys::AtEOXact_GUC(false, nest);
-    }
-    out
+    // Settings `f` changes go back with the search_path: with `true` a session-level SET in a
+    // handler would outlive `f` and stay in force for whatever the caller (the worker) runs
+    // next (see gucs::with_settings).
+    crate::gucs::with_settings(&[(c"search_path", search_path)], || {
+        let mut saved_user = pg_sys::InvalidOid;
+        let mut saved_context = 0i32;
+        // SAFETY: save and set this backend's user id and security context, as ri_triggers.c
+        // does around its queries; the saved pair is put back below, and transaction abort
+        // puts it back if `f` raises.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+            pg_sys::SetUserIdAndSecContext(
+                role,
+                saved_context
+                    | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        let out = f();
+        // SAFETY: restores what was saved above.
+        unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
+        out
+    })
 }

@@ -139,19 +139,7 @@ pub fn run(schema: &str, dboid: u32) {
     let history = gucs::history_retention().map(interval_literal);
     let dead = gucs::dead_letter_retention().map(interval_literal);
     let outcome = BackgroundWorker::transaction(|| {
-        // SAFETY: a setting local to this transaction.
-        unsafe {
-            pg_sys::set_config_option(
-                c"lock_timeout".as_ptr(),
-                LOCK_TIMEOUT.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
+        crate::gucs::set_local(c"lock_timeout", LOCK_TIMEOUT);
         let partitions = keep_partitions(schema, dboid, history.clone());
         let mut expired = 0i64;
         let mut dead_error = None;

@@ -31,19 +31,8 @@ pub fn fetch(
     // built faster than autovacuum analyzes) the planner guesses few matching rows and picks a
     // bitmap scan plus sort, which reads the whole backlog for every batch: a million-row
     // backlog then drains at a few hundred messages a second. Sorting is never needed here.
-    // SAFETY: a setting local to this transaction (the worker's send transaction).
-    unsafe {
-        pg_sys::set_config_option(
-            c"enable_sort".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            0,
-            false,
-        );
-    }
+    // A setting local to this transaction (the worker's send transaction).
+    crate::gucs::set_local(c"enable_sort", c"off");
     let Some(installed) = crate::catalog::installed() else {
         return (Vec::new(), floor);
     };
