@@ -122,7 +122,7 @@ impl Outcome {
 
 /// One mqtt_pg.log_messages line: never the payload, only its size. The topic is quoted and
 /// escaped (a control character in it cannot start a forged log line).
-pub fn message_line(broker_id: i32, direction: &str, topic: &str, size: usize, qos: u8) -> String {
+fn message_line(broker_id: i32, direction: &str, topic: &str, size: usize, qos: u8) -> String {
     format!("mqtt_pg broker {broker_id} {direction} topic {topic:?} ({size} bytes, QoS {qos})")
 }
 
