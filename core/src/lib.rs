@@ -8,6 +8,7 @@ pub mod batch;
 pub mod client_id;
 pub mod engine;
 pub mod interval;
+pub mod properties;
 pub mod rate;
 pub mod route;
 pub mod secret;

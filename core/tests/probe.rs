@@ -94,6 +94,7 @@ fn probe_config_keeps_the_worker_session_apart() {
     let same = BrokerConfig {
         client_id: c.client_id.clone(),
         clean_session: false,
+        session_expiry: c.session_expiry,
         will: c.will.clone(),
         birth_payload: c.birth_payload.clone(),
         ..p.clone()

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use mqtt_pg_core::engine::{BrokerConfig, ProbeOutcome, Prober, MQTT_MAX_PACKET};
+use mqtt_pg_core::engine::{BrokerConfig, ProbeOutcome, Prober, Protocol, MQTT_MAX_PACKET};
 use mqtt_pg_core::tls::{self, PemKind, TlsSettings};
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -167,6 +167,9 @@ fn mqtt_test_connection_host(
         // The defaults of a new mqtt_broker row (sql/schema.sql), as the worker reads them.
         keepalive: Duration::from_secs(60),
         clean_session: true,
+        protocol: Protocol::default(),
+        session_expiry: None,
+        receive_maximum: None,
         max_packet_size: MQTT_MAX_PACKET,
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_millis(30_000),

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mqtt_pg_core::engine::{BrokerConfig, Will, MQTT_MAX_PACKET};
+use mqtt_pg_core::engine::{BrokerConfig, Protocol, Will, MQTT_MAX_PACKET};
 use mqtt_pg_core::tls::TlsSettings;
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
@@ -87,6 +87,9 @@ pub fn broker_config(row: &SpiHeapTupleData<'_>) -> Result<BrokerConfig, String>
         client_id: client_id_for(id, get_s(8)),
         keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
         clean_session: get_b(10),
+        protocol: Protocol::default(),
+        session_expiry: None,
+        receive_maximum: None,
         max_packet_size: row
             .get::<i32>(13)
             .ok()

@@ -107,6 +107,7 @@ pub fn fetch(
                             payload,
                             qos: qos.clamp(0, 2) as u8,
                             retain,
+                            properties: None,
                         });
                     }
                 }

@@ -247,6 +247,7 @@ impl Book {
                     qos,
                     retain: p.retain,
                     pkid: (qos > 0).then_some(p.pkid),
+                    properties: None,
                     received_at_us: now_us(),
                     ack: (qos > 0).then_some(Ack {
                         broker_id: id,

@@ -26,6 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+pub use crate::properties::MessageProperties;
 use crate::tls::Redacted;
 pub use crate::tls::TlsSettings;
 use connection::{run_broker, Emitter};
@@ -56,6 +57,14 @@ pub struct BrokerConfig {
     pub client_id: String,
     pub keepalive: Duration,
     pub clean_session: bool,
+    /// MQTT 3.1.1 or 5 (mqtt_broker.protocol_version).
+    pub protocol: Protocol,
+    /// MQTT 5 only: how long the broker keeps the session after the connection ends. `None`:
+    /// for ever unless `clean_session` (as a 3.1.1 persistent session), 0 with it.
+    pub session_expiry: Option<u32>,
+    /// MQTT 5 only: how many unacknowledged QoS 1/2 messages the broker may send us at once
+    /// (the Receive Maximum we announce). `None`: the protocol's default, 65,535.
+    pub receive_maximum: Option<u16>,
     pub max_packet_size: usize,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -83,6 +92,9 @@ impl fmt::Debug for BrokerConfig {
             .field("client_id", &self.client_id)
             .field("keepalive", &self.keepalive)
             .field("clean_session", &self.clean_session)
+            .field("protocol", &self.protocol)
+            .field("session_expiry", &self.session_expiry)
+            .field("receive_maximum", &self.receive_maximum)
             .field("max_packet_size", &self.max_packet_size)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
@@ -91,6 +103,32 @@ impl fmt::Debug for BrokerConfig {
             .field("will", &self.will)
             .field("birth_payload", &self.birth_payload)
             .finish()
+    }
+}
+
+/// The MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    V311,
+    V5,
+}
+
+impl Protocol {
+    /// From mqtt_broker.protocol_version: '3.1.1' or '5'.
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "3.1.1" => Some(Protocol::V311),
+            "5" => Some(Protocol::V5),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        }
     }
 }
 
@@ -111,6 +149,9 @@ pub struct OutMessage {
     pub payload: Vec<u8>,
     pub qos: u8,
     pub retain: bool,
+    /// MQTT 5 properties; ignored on a 3.1.1 connection. `message_expiry` is what is left of
+    /// it when the row is handed over (the worker subtracts the time spent in the outbox).
+    pub properties: Option<MessageProperties>,
 }
 
 /// One message received from a broker.
@@ -123,6 +164,8 @@ pub struct InMessage {
     pub retain: bool,
     /// MQTT packet id; `None` for QoS 0.
     pub pkid: Option<u16>,
+    /// MQTT 5 properties as received; `None` on 3.1.1 or when the message had none.
+    pub properties: Option<MessageProperties>,
     /// When the engine read it, in microseconds since the Unix epoch.
     pub received_at_us: i64,
     /// What to hand back to [`Engine::ack`] once the message is stored; `None` for QoS 0.
@@ -191,8 +234,10 @@ pub enum Event {
         outbox_id: i64,
         pkid: Option<u16>,
     },
-    /// A message was rejected before it reached the connection and will never be sendable as
-    /// it is (for example larger than the connection's packet limit).
+    /// A message will never be sendable as it is: rejected before it reached the connection
+    /// (larger than the connection's packet limit), or refused by an MQTT 5 broker with a
+    /// failure reason in its PUBACK/PUBREC (the error then names the reason, for example
+    /// "not authorized (reason code 135)"). The worker moves the row to the dead letters.
     Rejected {
         broker_id: i32,
         outbox_id: i64,

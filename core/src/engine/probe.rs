@@ -48,6 +48,7 @@ pub fn probe_config(broker: &BrokerConfig) -> BrokerConfig {
     BrokerConfig {
         client_id: crate::client_id::probe_client_id(&broker.client_id),
         clean_session: true,
+        session_expiry: Some(0),
         will: None,
         birth_payload: None,
         ..broker.clone()

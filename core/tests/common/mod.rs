@@ -618,6 +618,14 @@ pub fn client_id(test: &str) -> String {
     format!("eng-test-{test}-{}", std::process::id())
 }
 
+/// The protocol the engine tests speak: MQTT_PG_PROTOCOL=5 runs them all on MQTT 5.
+pub fn protocol() -> engine::Protocol {
+    match std::env::var("MQTT_PG_PROTOCOL").as_deref() {
+        Ok("5") => engine::Protocol::V5,
+        _ => engine::Protocol::V311,
+    }
+}
+
 /// The configuration the tests use: id `id`, the broker's port, a unique client id.
 pub fn config(id: i32, port: u16, test: &str) -> BrokerConfig {
     BrokerConfig {
@@ -630,6 +638,9 @@ pub fn config(id: i32, port: u16, test: &str) -> BrokerConfig {
         client_id: client_id(test),
         keepalive: Duration::from_secs(30),
         clean_session: true,
+        protocol: protocol(),
+        session_expiry: None,
+        receive_maximum: None,
         max_packet_size: engine::MQTT_MAX_PACKET,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
@@ -647,6 +658,7 @@ pub fn out(outbox_id: i64, topic: &str, payload: &[u8], qos: u8) -> OutMessage {
         payload: payload.to_vec(),
         qos,
         retain: false,
+        properties: None,
     }
 }
 

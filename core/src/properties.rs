@@ -1,0 +1,398 @@
+//! MQTT 5 publish properties as mqtt_pg keeps them: a JSON object in `properties jsonb` columns
+//! (outbox, history, dead letters) and the argument of `mqtt_publish(..., properties)`.
+//!
+//! The JSON shape is the public contract (API.md, "MQTT 5"):
+//! `{"content_type": text, "payload_format": "bytes"|"utf8", "message_expiry": seconds,
+//!   "response_topic": topic, "correlation_data": hex, "user_properties": [[name, value], ...]}`.
+//! Every key is optional. Unknown keys are refused rather than ignored, so a misspelt
+//! `"corelation_data"` is an error at `mqtt_publish` instead of a reply that never matches.
+
+use serde_json::{Map, Value};
+
+/// The longest UTF-8 string or binary field MQTT can carry (a two-byte length prefix).
+pub const MAX_FIELD: usize = 65_535;
+
+/// How the payload is to be read (MQTT 5, 3.3.2.3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    Bytes,
+    Utf8,
+}
+
+/// The publish properties mqtt_pg sends, stores and compares. Topic aliases and subscription
+/// identifiers are connection details, not properties of the message, and are not kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageProperties {
+    pub content_type: Option<String>,
+    pub payload_format: Option<PayloadFormat>,
+    /// Seconds the message stays valid; on the way out, what is left of it.
+    pub message_expiry: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+const KEYS: [&str; 6] = [
+    "content_type",
+    "payload_format",
+    "message_expiry",
+    "response_topic",
+    "correlation_data",
+    "user_properties",
+];
+
+impl MessageProperties {
+    /// True when nothing is set: such a message is stored with `properties` NULL.
+    pub fn is_empty(&self) -> bool {
+        *self == MessageProperties::default()
+    }
+
+    /// Read the JSON form. `null` and `{}` give empty properties. Err: a sentence naming the
+    /// key at fault, for a 22023 error.
+    pub fn from_json(v: &Value) -> Result<MessageProperties, String> {
+        let obj = match v {
+            Value::Null => return Ok(MessageProperties::default()),
+            Value::Object(o) => o,
+            other => {
+                return Err(format!(
+                    "properties must be a JSON object, not {}",
+                    kind(other)
+                ))
+            }
+        };
+        if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(format!(
+                "unknown property \"{k}\"; the properties are {}",
+                KEYS.join(", ")
+            ));
+        }
+        let mut p = MessageProperties {
+            content_type: string(obj, "content_type")?,
+            ..Default::default()
+        };
+        p.payload_format = match string(obj, "payload_format")?.as_deref() {
+            None => None,
+            Some("bytes") => Some(PayloadFormat::Bytes),
+            Some("utf8") => Some(PayloadFormat::Utf8),
+            Some(other) => {
+                return Err(format!(
+                    "payload_format must be \"bytes\" or \"utf8\", not {other:?}"
+                ))
+            }
+        };
+        p.message_expiry = match obj.get("message_expiry") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(s) if (1..=u32::MAX as u64).contains(&s) => Some(s as u32),
+                _ => {
+                    return Err(format!(
+                        "message_expiry must be a whole number of seconds from 1 to {}, not {n}",
+                        u32::MAX
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(format!(
+                    "message_expiry must be a number of seconds, not {}",
+                    kind(other)
+                ))
+            }
+        };
+        p.response_topic = string(obj, "response_topic")?;
+        if let Some(t) = &p.response_topic {
+            crate::topic::validate_topic(t).map_err(|e| format!("invalid response_topic: {e}"))?;
+        }
+        p.correlation_data = match string(obj, "correlation_data")? {
+            None => None,
+            Some(hex) => Some(from_hex(&hex).ok_or_else(|| {
+                "correlation_data must be a hex string of whole bytes, such as \"0a1b\"".to_string()
+            })?),
+        };
+        if p.correlation_data
+            .as_ref()
+            .is_some_and(|c| c.len() > MAX_FIELD)
+        {
+            return Err(format!(
+                "correlation_data is longer than MQTT allows ({MAX_FIELD} bytes)"
+            ));
+        }
+        p.user_properties = match obj.get("user_properties") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => {
+                items.iter().map(user_property).collect::<Result<_, _>>()?
+            }
+            Some(other) => {
+                return Err(format!(
+                    "user_properties must be an array of [name, value] pairs, not {}",
+                    kind(other)
+                ))
+            }
+        };
+        Ok(p)
+    }
+
+    /// Parse the text of a JSON value (as `properties::text` gives it).
+    pub fn from_json_text(text: &str) -> Result<MessageProperties, String> {
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| format!("properties are not JSON: {e}"))?;
+        Self::from_json(&v)
+    }
+
+    /// The JSON form, keys in a fixed order; `None` when empty.
+    pub fn to_json(&self) -> Option<Value> {
+        if self.is_empty() {
+            return None;
+        }
+        let mut o = Map::new();
+        if let Some(c) = &self.content_type {
+            o.insert("content_type".into(), Value::String(c.clone()));
+        }
+        if let Some(f) = self.payload_format {
+            let name = match f {
+                PayloadFormat::Bytes => "bytes",
+                PayloadFormat::Utf8 => "utf8",
+            };
+            o.insert("payload_format".into(), Value::String(name.into()));
+        }
+        if let Some(e) = self.message_expiry {
+            o.insert("message_expiry".into(), Value::from(e));
+        }
+        if let Some(t) = &self.response_topic {
+            o.insert("response_topic".into(), Value::String(t.clone()));
+        }
+        if let Some(c) = &self.correlation_data {
+            o.insert("correlation_data".into(), Value::String(to_hex(c)));
+        }
+        if !self.user_properties.is_empty() {
+            let pairs = self
+                .user_properties
+                .iter()
+                .map(|(k, v)| {
+                    Value::Array(vec![Value::String(k.clone()), Value::String(v.clone())])
+                })
+                .collect();
+            o.insert("user_properties".into(), Value::Array(pairs));
+        }
+        Some(Value::Object(o))
+    }
+
+    /// The JSON text, `None` when empty.
+    pub fn to_json_text(&self) -> Option<String> {
+        self.to_json().map(|v| v.to_string())
+    }
+
+    /// Bytes these properties add to a PUBLISH packet (identifiers, length prefixes and the
+    /// property-length field included), to check a message against a packet limit before it
+    /// reaches the connection.
+    pub fn encoded_len(&self) -> usize {
+        let mut n = 0;
+        n += self.content_type.as_ref().map_or(0, |s| 3 + s.len());
+        n += self.payload_format.map_or(0, |_| 2);
+        n += self.message_expiry.map_or(0, |_| 5);
+        n += self.response_topic.as_ref().map_or(0, |s| 3 + s.len());
+        n += self.correlation_data.as_ref().map_or(0, |s| 3 + s.len());
+        n += self
+            .user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>();
+        n + varint_len(n)
+    }
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A UTF-8 string field as MQTT allows it: no NUL, at most 65,535 bytes.
+fn mqtt_string(key: &str, s: &str) -> Result<(), String> {
+    if s.contains('\0') {
+        return Err(format!("{key} must not contain NUL characters"));
+    }
+    if s.len() > MAX_FIELD {
+        return Err(format!(
+            "{key} is longer than MQTT allows ({MAX_FIELD} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            mqtt_string(key, s)?;
+            Ok(Some(s.clone()))
+        }
+        Some(other) => Err(format!("{key} must be a string, not {}", kind(other))),
+    }
+}
+
+fn user_property(v: &Value) -> Result<(String, String), String> {
+    let pair = match v {
+        Value::Array(a) if a.len() == 2 => a,
+        _ => {
+            return Err(format!(
+                "each user property must be a [name, value] pair of strings, not {v}"
+            ))
+        }
+    };
+    match (&pair[0], &pair[1]) {
+        (Value::String(k), Value::String(v)) => {
+            mqtt_string("a user property name", k)?;
+            mqtt_string("a user property value", v)?;
+            Ok((k.clone(), v.clone()))
+        }
+        _ => Err(format!(
+            "each user property must be a [name, value] pair of strings, not {v}"
+        )),
+    }
+}
+
+/// Lower-case hex, as `encode(bytes, 'hex')` writes it.
+pub fn to_hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for byte in b {
+        s.push(DIGITS[(byte >> 4) as usize] as char);
+        s.push(DIGITS[(byte & 15) as usize] as char);
+    }
+    s
+}
+
+/// Hex of either case to bytes; None for an odd length or a non-hex digit.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            Some((hi * 16 + lo) as u8)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    #[test]
+    fn full_round_trip() {
+        let v = json!({
+            "content_type": "application/json",
+            "payload_format": "utf8",
+            "message_expiry": 60,
+            "response_topic": "replies/42",
+            "correlation_data": "00ff10",
+            "user_properties": [["a", "1"], ["a", "2"], ["b", ""]],
+        });
+        let p = MessageProperties::from_json(&v).unwrap();
+        assert_eq!(p.correlation_data.as_deref(), Some(&[0u8, 255, 16][..]));
+        assert_eq!(p.user_properties.len(), 3);
+        assert_eq!(p.to_json().unwrap(), v);
+    }
+
+    #[test]
+    fn empty_is_none() {
+        for v in [json!(null), json!({}), json!({"content_type": null})] {
+            let p = MessageProperties::from_json(&v).unwrap();
+            assert!(p.is_empty());
+            assert_eq!(p.to_json(), None);
+        }
+    }
+
+    #[test]
+    fn bad_input_names_the_key() {
+        let cases = [
+            (json!([]), "JSON object"),
+            (
+                json!({"corelation_data": "00"}),
+                "unknown property \"corelation_data\"",
+            ),
+            (json!({"payload_format": "text"}), "payload_format"),
+            (
+                json!({"payload_format": 1}),
+                "payload_format must be a string",
+            ),
+            (json!({"message_expiry": 0}), "message_expiry"),
+            (json!({"message_expiry": -5}), "message_expiry"),
+            (json!({"message_expiry": 4294967296u64}), "message_expiry"),
+            (json!({"message_expiry": 1.5}), "message_expiry"),
+            (json!({"message_expiry": "60"}), "message_expiry"),
+            (json!({"response_topic": "a/+"}), "invalid response_topic"),
+            (json!({"response_topic": ""}), "invalid response_topic"),
+            (json!({"correlation_data": "abc"}), "correlation_data"),
+            (json!({"correlation_data": "zz"}), "correlation_data"),
+            (json!({"content_type": "a\u{0}b"}), "NUL"),
+            (json!({"user_properties": {"a": "b"}}), "user_properties"),
+            (json!({"user_properties": [["a"]]}), "pair"),
+            (json!({"user_properties": [["a", 1]]}), "pair"),
+        ];
+        for (v, want) in cases {
+            let e = MessageProperties::from_json(&v).unwrap_err();
+            assert!(e.contains(want), "{v}: {e}");
+        }
+        let long = "x".repeat(MAX_FIELD + 1);
+        assert!(
+            MessageProperties::from_json(&json!({ "content_type": long }))
+                .unwrap_err()
+                .contains("longer")
+        );
+    }
+
+    #[test]
+    fn hex_matches_postgres() {
+        assert_eq!(to_hex(&[0xde, 0xad, 0x01]), "dead01");
+        assert_eq!(from_hex("DEad01"), Some(vec![0xde, 0xad, 0x01]));
+        assert_eq!(from_hex(""), Some(vec![]));
+        assert_eq!(from_hex("é0"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn json_round_trips(
+            ct in proptest::option::of("[a-z/]{1,20}"),
+            exp in proptest::option::of(1u32..),
+            corr in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            users in proptest::collection::vec(("[^\u{0}]{0,8}", "[^\u{0}]{0,8}"), 0..4),
+            utf8 in any::<bool>(),
+        ) {
+            let p = MessageProperties {
+                content_type: ct,
+                payload_format: Some(if utf8 { PayloadFormat::Utf8 } else { PayloadFormat::Bytes }),
+                message_expiry: exp,
+                response_topic: Some("r/1".into()),
+                correlation_data: corr,
+                user_properties: users,
+            };
+            let text = p.to_json_text().unwrap();
+            prop_assert_eq!(MessageProperties::from_json_text(&text).unwrap(), p);
+        }
+
+        #[test]
+        fn hex_round_trips(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(from_hex(&to_hex(&b)), Some(b));
+        }
+    }
+}
