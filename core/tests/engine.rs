@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use mqtt_pg_core::engine::Event;
+use mqtt_pg_core::engine::{self, Event};
 
 fn now_us() -> i64 {
     SystemTime::now()
@@ -60,7 +60,10 @@ fn connects() {
     assert_eq!(h.engine().running_tasks(), 1);
     assert!(h.wakes() >= 1, "the wake callback was never called");
     // The broker saw our client id, MQTT 3.1.1 ("p2"), a clean session and the keepalive.
-    broker.wait_log(&format!("as {} (p2, c1, k30)", cfg.client_id), 1);
+    broker.wait_log(
+        &format!("as {} ({}, c1, k30)", cfg.client_id, proto_tag()),
+        1,
+    );
 
     // The same config again changes nothing: no restart, no events, still one connection.
     assert_eq!(h.engine().set_brokers(vec![cfg]), Vec::<i32>::new());
@@ -680,8 +683,9 @@ fn oversized_publish_is_rejected() {
     let sub = Sub::start(&broker, &client_id("oversized-sub"), "eng/big/#", 1, 2);
 
     let topic = "eng/big/t";
-    // The engine's estimate: payload + topic + 9 bytes of headers must not exceed the limit.
-    let fits = 1024 - topic.len() - 9;
+    // The engine's estimate: payload + topic + 9 bytes of headers (10 on MQTT 5, with the
+    // properties' length) must not exceed the limit.
+    let fits = 1024 - topic.len() - 9 - usize::from(protocol() == engine::Protocol::V5);
     assert!(h.publish(
         1,
         vec![

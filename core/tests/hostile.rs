@@ -796,6 +796,9 @@ fn hostile_broker_input() {
     let started = Instant::now();
     let mut h = Harness::new(4096);
     let mut cfg = config(1, port, "hostile");
+    // The script is written in MQTT 3.1.1's bytes, so this test speaks 3.1.1 whatever
+    // MQTT_PG_PROTOCOL says; `hostile_v5_broker_input` below covers MQTT 5's decoder.
+    cfg.protocol = mqtt_pg_core::engine::Protocol::V311;
     // Reconnect at once: the point is what the engine makes of the bytes, not its backoff.
     cfg.reconnect_min = Duration::from_millis(1);
     cfg.reconnect_max = Duration::from_millis(5);

@@ -288,7 +288,10 @@ fn mutual_tls_with_every_key_form() {
     for (i, (name, ..)) in CLIENT_KEYS.iter().enumerate() {
         let cid = client_id(&format!("mtls-{name}"));
         assert_eq!(
-            broker.log_count(&format!(" as {cid} (p2, c1, k30, u'client-{name}')")),
+            broker.log_count(&format!(
+                " as {cid} ({}, c1, k30, u'client-{name}')",
+                proto_tag()
+            )),
             1,
             "{name}: no connection with its certificate's identity; log:\n{}",
             broker.log()

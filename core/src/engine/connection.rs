@@ -7,17 +7,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{
-    AsyncClient, Event as MqttEvent, EventLoop, MqttState, Outgoing, Packet, PubRel, Publish, QoS,
-    Request, SubscribeReasonCode,
-};
 use tokio::sync::mpsc;
 
 use super::errors::describe_error;
-use super::options::{birth, network_options, options, prepare, qos_from};
+use super::options::{birth, prepare};
+use super::wire::{Client, ConnError, Loop, Wire};
 use super::{
-    held_bytes, Ack, BrokerConfig, Buffered, Command, Event, InMessage, OutMessage, Tagged, Waker,
-    Will, DISCONNECT_GRACE,
+    held_bytes, Ack, BrokerConfig, Buffered, Command, Event, InMessage, MessageProperties,
+    OutMessage, Protocol, Tagged, Waker, Will, DISCONNECT_GRACE,
 };
 use crate::backoff::Backoff;
 
@@ -52,6 +49,8 @@ struct Book {
     /// Acknowledgements of stored messages (QoS, packet id) not yet handed to rumqttc. They go
     /// before anything else: each frees a slot of the broker's in-flight window.
     acks: VecDeque<(u8, u16)>,
+    /// MQTT 5: the broker's Maximum Packet Size from its CONNACK, if it set one.
+    broker_max_packet: Option<usize>,
     /// Generation of this task (see `Tagged`), stamped on every [`Ack`] it hands out.
     generation: u64,
     /// Publishes handed to rumqttc, waiting for their `Outgoing::Publish(pkid)`, in order.
@@ -83,7 +82,7 @@ impl Book {
     /// Hand pending subscription changes, then queued rows, to rumqttc while its request
     /// channel has room. Never awaits the channel: the task that drains it (by polling) might
     /// be the caller.
-    fn flush_queue(&mut self, client: &AsyncClient, c: &BrokerConfig, out: &mut Vec<Event>) {
+    fn flush_queue(&mut self, client: &Client, c: &BrokerConfig, out: &mut Vec<Event>) {
         if !self.connected {
             return;
         }
@@ -93,13 +92,18 @@ impl Book {
         {
             return;
         }
+        let limit = self.packet_limit(c);
         while let Some(m) = self.queue.pop_front() {
-            let overhead = m.topic.len() + 2 + 2 + 5;
-            let problem = if m.payload.len() + overhead > c.max_packet_size {
+            let size = m.payload.len() + packet_overhead(c, &m.topic, m.properties.as_ref());
+            let problem = if size > limit {
                 Some(format!(
-                    "message of {} bytes exceeds the connection's packet limit of {} bytes",
-                    m.payload.len() + overhead,
-                    c.max_packet_size
+                    "message of {size} bytes exceeds the connection's packet limit of {limit} \
+                     bytes{}",
+                    if limit < c.max_packet_size {
+                        " (the broker's Maximum Packet Size)"
+                    } else {
+                        ""
+                    }
                 ))
             } else {
                 // Rows inserted into mqtt_outbox by hand skip mqtt_publish's checks.
@@ -116,7 +120,7 @@ impl Book {
                 continue;
             }
             let qos = m.qos.min(2);
-            match client.try_publish(m.topic.clone(), qos_from(qos), m.retain, m.payload.clone()) {
+            match client.try_publish(&m.topic, qos, m.retain, &m.payload, m.properties.as_ref()) {
                 Ok(()) => self.awaiting_pkid.push_back((Sent::Row(m.outbox_id), qos)),
                 Err(_) => {
                     // The topic is valid, so the channel is full: keep the row; the poll task
@@ -129,7 +133,7 @@ impl Book {
     }
 
     /// Hand the birth message to rumqttc if it is due; false while its channel is full.
-    fn flush_birth(&mut self, client: &AsyncClient) -> bool {
+    fn flush_birth(&mut self, client: &Client) -> bool {
         let Some(birth) = self.birth.clone().filter(|_| self.birth_due) else {
             return true;
         };
@@ -138,9 +142,9 @@ impl Book {
     }
 
     /// Publish a status message (not an outbox row); false while the channel is full.
-    fn publish_status(&mut self, client: &AsyncClient, m: &Will) -> bool {
+    fn publish_status(&mut self, client: &Client, m: &Will) -> bool {
         let qos = m.qos.min(2);
-        let sent = client.try_publish(m.topic.clone(), qos_from(qos), m.retain, m.payload.clone());
+        let sent = client.try_publish(&m.topic, qos, m.retain, &m.payload, None);
         if sent.is_ok() {
             self.awaiting_pkid.push_back((Sent::Status, qos));
         }
@@ -148,11 +152,9 @@ impl Book {
     }
 
     /// Hand pending acknowledgements to rumqttc; false while its channel is full.
-    fn flush_acks(&mut self, client: &AsyncClient) -> bool {
+    fn flush_acks(&mut self, client: &Client) -> bool {
         while let Some(&(qos, pkid)) = self.acks.front() {
-            let mut p = Publish::new("", qos_from(qos), Vec::new());
-            p.pkid = pkid;
-            if client.try_ack(&p).is_err() {
+            if client.try_ack(qos, pkid).is_err() {
                 return false;
             }
             self.acks.pop_front();
@@ -172,9 +174,9 @@ impl Book {
     }
 
     /// Send pending unsubscribes and subscribes; false while the channel is full.
-    fn flush_subscriptions(&mut self, client: &AsyncClient) -> bool {
+    fn flush_subscriptions(&mut self, client: &Client) -> bool {
         while let Some(f) = self.unsub_pending.first().cloned() {
-            if client.try_unsubscribe(f.clone()).is_err() {
+            if client.try_unsubscribe(&f).is_err() {
                 return false;
             }
             self.unsub_pending.remove(&f);
@@ -185,12 +187,7 @@ impl Book {
         // The worker validated every filter; rumqttc's own check is the last word on what it
         // will send, and a filter it refuses must not block the others for ever.
         self.sub_pending.retain(|f, _| rumqttc::valid_filter(f));
-        let filters: Vec<rumqttc::SubscribeFilter> = self
-            .sub_pending
-            .iter()
-            .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_from(*q)))
-            .collect();
-        if filters.is_empty() || client.try_subscribe_many(filters).is_ok() {
+        if self.sub_pending.is_empty() || client.try_subscribe_many(&self.sub_pending).is_ok() {
             let sent = std::mem::take(&mut self.sub_pending);
             if !sent.is_empty() {
                 self.sub_fifo.push_back(sent.into_keys().collect());
@@ -201,7 +198,7 @@ impl Book {
         }
     }
 
-    fn apply_subscriptions(&mut self, client: &AsyncClient, subs: BTreeMap<String, u8>) {
+    fn apply_subscriptions(&mut self, client: &Client, subs: BTreeMap<String, u8>) {
         let old = std::mem::replace(&mut self.wanted_subs, subs);
         if !self.connected {
             return; // everything is subscribed at the next CONNACK
@@ -220,14 +217,19 @@ impl Book {
     }
 
     /// Bookkeeping for one rumqttc event; what the worker must hear goes into `out`.
-    fn on_event(&mut self, client: &AsyncClient, id: i32, ev: MqttEvent, out: &mut Vec<Event>) {
+    fn on_event(&mut self, client: &Client, id: i32, ev: Wire, out: &mut Vec<Event>) {
         match ev {
-            MqttEvent::Incoming(Packet::ConnAck(ack)) => {
+            Wire::ConnAck {
+                session_present,
+                max_packet_size,
+                ..
+            } => {
                 self.connected = true;
                 self.epoch += 1;
+                self.broker_max_packet = max_packet_size.map(|n| n as usize);
                 out.push(Event::Connected {
                     broker_id: id,
-                    session_present: ack.session_present,
+                    session_present,
                     epoch: self.epoch,
                 });
                 self.birth_due = self.birth.is_some();
@@ -238,27 +240,33 @@ impl Book {
                 self.sub_pending = self.wanted_subs.clone();
                 self.flush_subscriptions(client);
             }
-            MqttEvent::Incoming(Packet::Publish(p)) => {
-                let qos = p.qos as u8;
+            Wire::Publish {
+                topic,
+                payload,
+                qos,
+                retain,
+                pkid,
+                properties,
+            } => {
                 out.push(Event::Received(InMessage {
                     broker_id: id,
-                    topic: p.topic,
-                    payload: p.payload,
+                    topic,
+                    payload,
                     qos,
-                    retain: p.retain,
-                    pkid: (qos > 0).then_some(p.pkid),
-                    properties: None,
+                    retain,
+                    pkid: (qos > 0).then_some(pkid),
+                    properties,
                     received_at_us: now_us(),
                     ack: (qos > 0).then_some(Ack {
                         broker_id: id,
                         generation: self.generation,
                         epoch: self.epoch,
                         qos,
-                        pkid: p.pkid,
+                        pkid,
                     }),
                 }));
             }
-            MqttEvent::Outgoing(Outgoing::Publish(pkid)) => match self.awaiting_pkid.pop_front() {
+            Wire::SentPublish(pkid) => match self.awaiting_pkid.pop_front() {
                 Some((Sent::Row(outbox_id), 0)) => out.push(Event::Delivered {
                     broker_id: id,
                     outbox_id,
@@ -269,68 +277,68 @@ impl Book {
                     self.awaiting_ack.insert(pkid, (sent, qos));
                 }
             },
-            MqttEvent::Incoming(Packet::PubAck(ack)) => {
-                if let Some((sent, 1)) = self.awaiting_ack.get(&ack.pkid).copied() {
-                    self.awaiting_ack.remove(&ack.pkid);
-                    delivered(out, id, sent, ack.pkid);
+            Wire::PubAck { pkid, refused } => {
+                if let Some((sent, 1)) = self.awaiting_ack.get(&pkid).copied() {
+                    self.awaiting_ack.remove(&pkid);
+                    settled(out, id, sent, pkid, refused);
                 }
             }
-            MqttEvent::Incoming(Packet::PubRec(rec)) => {
-                if let Some((sent, 2)) = self.awaiting_ack.get(&rec.pkid).copied() {
-                    self.awaiting_ack.remove(&rec.pkid);
-                    self.awaiting_comp
-                        .entry(rec.pkid)
-                        .or_default()
-                        .push_back(sent);
+            Wire::PubRec { pkid, refused } => {
+                if let Some((sent, 2)) = self.awaiting_ack.get(&pkid).copied() {
+                    self.awaiting_ack.remove(&pkid);
+                    if refused.is_some() {
+                        // MQTT 5: a PUBREC with a failure reason ends the flow; no PUBCOMP
+                        // follows.
+                        settled(out, id, sent, pkid, refused);
+                    } else {
+                        self.awaiting_comp.entry(pkid).or_default().push_back(sent);
+                    }
                 }
             }
-            MqttEvent::Incoming(Packet::PubComp(comp)) => {
-                let waiting = self.awaiting_comp.get_mut(&comp.pkid);
+            Wire::PubComp { pkid } => {
+                let waiting = self.awaiting_comp.get_mut(&pkid);
                 if let Some(sent) = waiting.and_then(|q| q.pop_front()) {
-                    delivered(out, id, sent, comp.pkid);
+                    settled(out, id, sent, pkid, None);
                 }
-                if self
-                    .awaiting_comp
-                    .get(&comp.pkid)
-                    .is_some_and(|q| q.is_empty())
-                {
-                    self.awaiting_comp.remove(&comp.pkid);
+                if self.awaiting_comp.get(&pkid).is_some_and(|q| q.is_empty()) {
+                    self.awaiting_comp.remove(&pkid);
                 }
             }
-            MqttEvent::Outgoing(Outgoing::Subscribe(pkid)) => {
+            Wire::SentSubscribe(pkid) => {
                 if let Some(filters) = self.sub_fifo.pop_front() {
                     self.sub_by_pkid.insert(pkid, filters);
                 }
             }
-            MqttEvent::Incoming(Packet::SubAck(ack)) => {
-                let filters = self.sub_by_pkid.remove(&ack.pkid).unwrap_or_default();
-                for (i, code) in ack.return_codes.iter().enumerate() {
-                    if matches!(code, SubscribeReasonCode::Failure) {
+            Wire::SubAck { pkid, refused } => {
+                let filters = self.sub_by_pkid.remove(&pkid).unwrap_or_default();
+                for (i, reason) in refused.into_iter().enumerate() {
+                    if let Some(reason) = reason {
                         let filter = filters.get(i).map(String::as_str).unwrap_or("?");
                         out.push(Event::Warning {
                             broker_id: id,
-                            error: format!("broker refused the subscription to '{filter}'"),
+                            error: format!(
+                                "broker refused the subscription to '{filter}': {reason}"
+                            ),
                         });
                     }
                 }
             }
-            _ => {}
+            Wire::SentDisconnect | Wire::Other => {}
         }
+    }
+
+    /// The largest packet this connection may send: ours, or the broker's if smaller.
+    fn packet_limit(&self, c: &BrokerConfig) -> usize {
+        self.broker_max_packet
+            .map_or(c.max_packet_size, |b| b.min(c.max_packet_size))
     }
 
     /// Account for events rumqttc read but had not handed out yet (they wait in
     /// `state.events`): they belong to the connection that is ending. A PUBACK there is a
     /// real delivery and a PUBLISH a real message (already acknowledged to the broker), so
     /// they must reach the worker rather than be dropped or replayed on the next connection.
-    fn take_buffered(
-        &mut self,
-        client: &AsyncClient,
-        id: i32,
-        el: &mut EventLoop,
-        out: &mut Vec<Event>,
-    ) {
-        let buffered: Vec<MqttEvent> = el.state.events.drain(..).collect();
-        for ev in buffered {
+    fn take_buffered(&mut self, client: &Client, id: i32, el: &mut Loop, out: &mut Vec<Event>) {
+        for ev in el.take_buffered() {
             self.on_event(client, id, ev, out);
         }
     }
@@ -339,11 +347,8 @@ impl Book {
     /// session while the worker resends the same rows from the outbox. `clean()` also moves
     /// requests still in the channel into `pending`, so clearing it leaves nothing behind that
     /// the FIFO of packet ids does not know about.
-    fn connection_lost(&mut self, eventloop: &mut EventLoop) {
-        eventloop.clean();
-        let pending = std::mem::take(&mut eventloop.pending);
-        eventloop.pending = releases(pending);
-        answer_any_pubrel(&mut eventloop.state);
+    fn connection_lost(&mut self, eventloop: &mut Loop) {
+        eventloop.connection_lost();
         self.queue.clear();
         self.acks.clear();
         self.awaiting_pkid.clear();
@@ -355,71 +360,45 @@ impl Book {
         self.sub_pending.clear();
         self.connected = false;
         self.birth_due = false;
-        // A packet-id collision pending on the dead connection would otherwise keep rumqttc
-        // from taking any request on the next one.
-        eventloop.state.collision = None;
+        self.broker_max_packet = None;
     }
 }
 
-/// What to send again on a resumed session: a PUBREL for every QoS 2 packet id the lost
-/// connection left open, and nothing else (the rows themselves are resent from the outbox).
-///
-/// A broker that got a QoS 2 PUBLISH keeps its packet id "awaiting PUBREL" in the session. Left
-/// so, it would take the next PUBLISH that reuses the id (rumqttc cycles through 1..=inflight)
-/// for a duplicate and drop it while acknowledging it: a lost message counted as delivered.
-/// Releasing the id closes that flow (delivering the old message, which the outbox resends
-/// too: at-least-once); a broker that never had it answers PUBCOMP all the same (MQTT 3.1.1,
-/// 4.3.3). rumqttc sends `pending` first on a resumed session and drops it on a new one.
-fn releases(pending: VecDeque<Request>) -> VecDeque<Request> {
-    let mut seen = BTreeSet::new();
-    pending
-        .into_iter()
-        .filter_map(|r| match r {
-            Request::PubRel(p) => Some(p.pkid),
-            Request::Publish(p) if p.qos == QoS::ExactlyOnce && p.pkid != 0 => Some(p.pkid),
-            _ => None,
-        })
-        .filter(|pkid| seen.insert(*pkid))
-        .map(|pkid| Request::PubRel(PubRel::new(pkid)))
-        .collect()
-}
-
-/// Make rumqttc answer a PUBREL for any packet id with PUBCOMP, as MQTT requires (3.1.1, 4.3.3).
-///
-/// rumqttc 0.25 forgets the QoS 2 messages it acknowledged with PUBREC whenever a connection
-/// ends (and a new process never knew them), then treats the PUBREL a broker resends on a
-/// resumed session as an "unsolicited" protocol error and drops the connection, for ever
-/// (rumqtt #664). It only accepts PUBREL for ids it has marked; marking every id, through its
-/// public packet handler, restores the standard behaviour. With manual acks the handler
-/// sends nothing for these stand-in messages, and the events it queues are taken back here.
-fn answer_any_pubrel(state: &mut MqttState) {
-    let events = state.events.len();
-    for pkid in 1..=u16::MAX {
-        let mut p = Publish::new("", QoS::ExactlyOnce, Vec::new());
-        p.pkid = pkid;
-        let _ = state.handle_incoming_packet(Packet::Publish(p));
+/// Bytes a PUBLISH adds to its payload: fixed header (at most 5), topic and its length, packet
+/// id, and on MQTT 5 the properties (at least their one-byte length).
+fn packet_overhead(c: &BrokerConfig, topic: &str, properties: Option<&MessageProperties>) -> usize {
+    let base = topic.len() + 2 + 2 + 5;
+    match c.protocol {
+        Protocol::V311 => base,
+        Protocol::V5 => base + properties.map_or(1, MessageProperties::encoded_len),
     }
-    state.events.truncate(events);
-    // The stand-ins grew the queue to some 10 MB: give that back.
-    state.events.shrink_to(events.max(64));
 }
 
-/// Report an acknowledged row; a status message is nobody's row.
-fn delivered(out: &mut Vec<Event>, broker_id: i32, sent: Sent, pkid: u16) {
-    if let Sent::Row(outbox_id) = sent {
-        out.push(Event::Delivered {
+/// Report the end of a row's flow: delivered, or refused with an MQTT 5 reason (the row then
+/// goes to the dead letters). A status message is nobody's row.
+fn settled(out: &mut Vec<Event>, broker_id: i32, sent: Sent, pkid: u16, refused: Option<String>) {
+    let Sent::Row(outbox_id) = sent else {
+        return;
+    };
+    out.push(match refused {
+        None => Event::Delivered {
             broker_id,
             outbox_id,
             pkid: Some(pkid),
-        });
-    }
+        },
+        Some(reason) => Event::Rejected {
+            broker_id,
+            outbox_id,
+            error: format!("the broker refused the message: {reason}"),
+        },
+    });
 }
 
 /// Why a connection attempt or connection ended.
 enum Failure {
     /// Nothing was attempted: the settings cannot work (see [`prepare`]).
     Setup(String),
-    Mqtt(rumqttc::ConnectionError),
+    Mqtt(ConnError),
 }
 
 /// A connection counts as healthy, and its backoff starts from the minimum again, once it has
@@ -488,15 +467,10 @@ pub(super) async fn run_broker(
     emitter: Emitter,
 ) {
     let id = config.id;
-    let (client, mut eventloop) = AsyncClient::new(options(&config), 1024);
-    eventloop.set_network_options(network_options());
-    // The broker may resend a PUBREL from before this process existed.
-    answer_any_pubrel(&mut eventloop.state);
-    // And it may hold QoS 2 packet ids of an earlier process "awaiting PUBREL" (see
-    // `releases`): release every id this connection can use. Dropped if the session is new.
-    eventloop.pending = (1..=config.max_inflight.max(1))
-        .map(|pkid| Request::PubRel(PubRel::new(pkid)))
-        .collect();
+    let (client, mut eventloop) = Loop::new(&config, 1024);
+    // The broker may resend a PUBREL from before this process existed, and may hold QoS 2
+    // packet ids of an earlier process "awaiting PUBREL": see `Loop::prime`.
+    eventloop.prime(config.max_inflight);
     let book = Arc::new(Mutex::new(Book {
         generation: emitter.generation,
         birth: birth(&config),
@@ -567,7 +541,7 @@ pub(super) async fn run_broker(
         };
         match polled {
             Ok(ev) => {
-                if matches!(ev, MqttEvent::Incoming(Packet::ConnAck(_))) {
+                if matches!(ev, Wire::ConnAck { .. }) {
                     connected_at = Some(Instant::now());
                 }
                 {
@@ -642,7 +616,7 @@ pub(super) async fn run_broker(
         let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
             loop {
                 match eventloop.poll().await {
-                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(Wire::SentDisconnect) | Err(_) => break,
                     Ok(ev) => lock(&book).on_event(&client, id, ev, &mut out),
                 }
             }
@@ -658,7 +632,7 @@ pub(super) async fn run_broker(
 fn handle_command(
     command: Command,
     book: &Mutex<Book>,
-    client: &AsyncClient,
+    client: &Client,
     config: &BrokerConfig,
     out: &mut Vec<Event>,
 ) -> bool {

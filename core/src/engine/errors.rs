@@ -16,16 +16,17 @@
 use std::error::Error as StdError;
 use std::io;
 
-use rumqttc::{ConnectReturnCode, ConnectionError};
+use rumqttc::v5;
+use rumqttc::ConnectReturnCode;
 use rustls::{AlertDescription, CertificateError};
 
+use super::wire::{reasons, ConnError};
 use super::BrokerConfig;
 use crate::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_NAME};
 
 /// Turn a rumqttc error into a sentence a DBA can act on. `connected`: a CONNACK had arrived
 /// on the connection that failed.
-pub(super) fn describe_error(e: &ConnectionError, c: &BrokerConfig, connected: bool) -> String {
-    use ConnectionError as E;
+pub(super) fn describe_error(e: &ConnError, c: &BrokerConfig, connected: bool) -> String {
     let target = format!("{}:{}", c.host, c.port);
     if let Some(tls) = find::<rustls::Error>(e) {
         return describe_tls(tls, c, &target);
@@ -39,24 +40,57 @@ pub(super) fn describe_error(e: &ConnectionError, c: &BrokerConfig, connected: b
                 | io::ErrorKind::BrokenPipe
         )
     );
-    match e {
-        _ if io_kind == Some(io::ErrorKind::ConnectionRefused) => {
-            format!("connection to {target} refused: is the broker running and listening there?")
+    if io_kind == Some(io::ErrorKind::ConnectionRefused) {
+        return format!(
+            "connection to {target} refused: is the broker running and listening there?"
+        );
+    }
+    // The TLS layer is the same in both versions.
+    let tls = match e {
+        ConnError::V4(rumqttc::ConnectionError::Tls(t)) => Some(t),
+        ConnError::V5(v5::ConnectionError::Tls(t)) => Some(t),
+        _ => None,
+    };
+    match tls {
+        Some(rumqttc::TlsError::DNSName(_)) => {
+            return format!(
+                "host {:?} cannot be checked against a TLS certificate (not a valid DNS name or \
+                 IP address); set {SERVER_NAME} to the name in the broker's certificate",
+                c.host
+            )
         }
-        E::Tls(rumqttc::TlsError::DNSName(_)) => format!(
-            "host {:?} cannot be checked against a TLS certificate (not a valid DNS name or IP \
-             address); set {SERVER_NAME} to the name in the broker's certificate",
-            c.host
-        ),
-        E::Tls(_) if closed => format!(
-            "{target} closed the connection during the TLS handshake: is it a plain MQTT port \
-             rather than a TLS one (mqtt_broker.use_tls is true)?"
-        ),
-        E::Tls(other) => format!("TLS handshake with {target} failed: {other}"),
-        _ if closed && !connected && c.tls.is_none() => format!(
+        Some(_) if closed => {
+            return format!(
+                "{target} closed the connection during the TLS handshake: is it a plain MQTT \
+                 port rather than a TLS one (mqtt_broker.use_tls is true)?"
+            )
+        }
+        Some(other) => return format!("TLS handshake with {target} failed: {other}"),
+        None => {}
+    }
+    if closed && !connected && c.tls.is_none() {
+        return format!(
             "{target} closed the connection without answering CONNECT: if it is a TLS port \
              (such as 8883), set mqtt_broker.use_tls"
-        ),
+        );
+    }
+    match e {
+        ConnError::V4(e) => describe_v4(e, &target),
+        ConnError::V5(e) => describe_v5(e, &target),
+    }
+}
+
+/// A connection attempt that got no answer in time.
+pub(super) fn describe_timeout(c: &BrokerConfig) -> String {
+    format!(
+        "no answer from {}:{} within the connection timeout",
+        c.host, c.port
+    )
+}
+
+fn describe_v4(e: &rumqttc::ConnectionError, target: &str) -> String {
+    use rumqttc::ConnectionError as E;
+    match e {
         E::Io(io) => format!("network error talking to {target}: {io}"),
         E::NetworkTimeout => format!("no answer from {target} within the connection timeout"),
         E::ConnectionRefused(code) => {
@@ -74,9 +108,44 @@ pub(super) fn describe_error(e: &ConnectionError, c: &BrokerConfig, connected: b
     }
 }
 
+fn describe_v5(e: &v5::ConnectionError, target: &str) -> String {
+    use v5::ConnectionError as E;
+    use v5::StateError as S;
+    match e {
+        E::Io(io) => format!("network error talking to {target}: {io}"),
+        E::Timeout(_) => format!("no answer from {target} within the connection timeout"),
+        E::ConnectionRefused(code) | E::MqttState(S::ConnFail { reason: code }) => {
+            let why = reasons::connack(*code);
+            let hint = if matches!(
+                code,
+                v5::mqttbytes::v5::ConnectReturnCode::UnsupportedProtocolVersion
+                    | v5::mqttbytes::v5::ConnectReturnCode::RefusedProtocolVersion
+            ) {
+                ": the broker does not speak MQTT 5; set mqtt_broker.protocol_version to '3.1.1'"
+            } else {
+                ""
+            };
+            format!("broker at {target} refused the connection: {why}{hint}")
+        }
+        E::MqttState(S::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => {
+            let why = reasons::disconnect(*reason_code);
+            match reason_string {
+                Some(s) if !s.is_empty() => {
+                    format!("the broker at {target} disconnected us: {why}: {s:?}")
+                }
+                _ => format!("the broker at {target} disconnected us: {why}"),
+            }
+        }
+        other => format!("connection to {target} lost: {other}"),
+    }
+}
+
 /// The first `T` in the error chain, looking inside `io::Error`s too (their `source()` skips
 /// the error they wrap, which is where tokio-rustls puts the `rustls::Error`).
-fn find<T: StdError + 'static>(e: &ConnectionError) -> Option<&T> {
+fn find<T: StdError + 'static>(e: &ConnError) -> Option<&T> {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(t) = err.downcast_ref::<T>() {
@@ -87,7 +156,12 @@ fn find<T: StdError + 'static>(e: &ConnectionError) -> Option<&T> {
                 return Some(t);
             }
         }
-        cur = err.source();
+        cur = match err.downcast_ref::<v5::StateError>() {
+            // rumqttc's MQTT 5 state error does not name the packet error it wraps as its
+            // source; that is where a TLS alert read with the CONNACK sits.
+            Some(v5::StateError::Deserialization(inner)) => Some(inner),
+            _ => err.source(),
+        };
     }
     None
 }

@@ -16,6 +16,7 @@ mod connection;
 mod errors;
 mod options;
 mod probe;
+mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use rumqttc::{EventLoop, LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::v5::mqttbytes::v5 as p5;
+use rumqttc::{LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
 
+use super::wire::{qos5, Loop};
 use super::{BrokerConfig, Will, MQTT_MAX_PACKET};
 
 pub(super) fn qos_from(q: u8) -> QoS {
@@ -40,6 +42,43 @@ pub(super) fn options(c: &BrokerConfig) -> MqttOptions {
     o
 }
 
+/// [`options`] for MQTT 5: the same settings, and the session expiry and Receive Maximum
+/// that only MQTT 5 has.
+pub(super) fn options_v5(c: &BrokerConfig) -> rumqttc::v5::MqttOptions {
+    let mut o = rumqttc::v5::MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
+    o.set_keep_alive(c.keepalive.max(Duration::from_secs(5)));
+    o.set_clean_start(c.clean_session);
+    // A 3.1.1 persistent session lasts until the broker drops it; MQTT 5 ends a session at
+    // the disconnect unless told otherwise. Without a setting, behave as 3.1.1 does.
+    let expiry = c
+        .session_expiry
+        .unwrap_or(if c.clean_session { 0 } else { u32::MAX });
+    o.set_session_expiry_interval((expiry > 0).then_some(expiry));
+    o.set_manual_acks(true);
+    // The largest packet we take: anything MQTT can carry (see `options`). The broker's own
+    // limit arrives in its CONNACK and is honoured in `flush_queue`.
+    o.set_max_packet_size(Some(MQTT_MAX_PACKET as u32));
+    // How many unacknowledged QoS 1/2 messages the broker may send us at once. Each is owed
+    // its acknowledgement until the database has stored it, so this is the window that keeps
+    // the batches full (mosquitto's 3.1.1 default is 20).
+    o.set_receive_maximum(c.receive_maximum);
+    o.set_outgoing_inflight_upper_limit(c.max_inflight.max(1));
+    o.set_network_options(network_options());
+    if let Some(user) = &c.username {
+        o.set_credentials(user.clone(), c.password.clone().unwrap_or_default());
+    }
+    if let Some(w) = &c.will {
+        o.set_last_will(p5::LastWill::new(
+            w.topic.clone(),
+            w.payload.clone(),
+            qos5(w.qos.min(2)),
+            w.retain,
+            None,
+        ));
+    }
+    o
+}
+
 /// The socket options of every connection.
 pub(super) fn network_options() -> NetworkOptions {
     let mut net = NetworkOptions::new();
@@ -65,7 +104,7 @@ pub(super) fn birth(c: &BrokerConfig) -> Option<Will> {
 /// so a CA bundle installed meanwhile is picked up without a restart.
 pub(super) fn prepare(
     c: &BrokerConfig,
-    eventloop: &mut EventLoop,
+    eventloop: &mut Loop,
     done: &mut bool,
 ) -> Result<(), String> {
     if *done {
@@ -89,9 +128,7 @@ pub(super) fn prepare(
     }
     if let Some(tls) = &c.tls {
         let config = crate::tls::client_config(tls)?;
-        eventloop
-            .mqtt_options
-            .set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+        eventloop.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
     }
     *done = true;
     Ok(())

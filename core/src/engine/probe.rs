@@ -15,10 +15,9 @@ use std::io;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, Outgoing, Packet};
-
-use super::errors::describe_error;
-use super::options::{network_options, options, prepare};
+use super::errors::{describe_error, describe_timeout};
+use super::options::prepare;
+use super::wire::{Loop, Wire};
 use super::{BrokerConfig, DISCONNECT_GRACE};
 
 /// What one test connection found.
@@ -69,12 +68,10 @@ pub async fn probe(broker: &BrokerConfig, timeout: Duration) -> ProbeOutcome {
         round_trip: Duration::ZERO,
         client_id: c.client_id.clone(),
     };
-    let (client, mut eventloop) = AsyncClient::new(options(&c), 8);
-    let mut net = network_options();
+    let (client, mut eventloop) = Loop::new(&c, 8);
     // rumqttc has a connect timeout of its own, in whole seconds: keep it out of the way so
     // that `timeout` is the one that counts.
-    net.set_connection_timeout(timeout.as_secs().saturating_add(1));
-    eventloop.set_network_options(net);
+    eventloop.set_connection_timeout(timeout.as_secs().saturating_add(1));
     if let Err(error) = prepare(&c, &mut eventloop, &mut false) {
         outcome.error = Some(error);
         outcome.round_trip = start.elapsed();
@@ -83,10 +80,14 @@ pub async fn probe(broker: &BrokerConfig, timeout: Duration) -> ProbeOutcome {
     let connack = tokio::time::timeout(timeout, async {
         loop {
             match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => return Ok(ack),
-                Ok(MqttEvent::Incoming(p)) => return Err(ConnectionError::NotConnAck(p)),
-                // Nothing of ours is queued before the CONNACK; not a verdict either way.
-                Ok(MqttEvent::Outgoing(_)) => {}
+                Ok(Wire::ConnAck {
+                    session_present,
+                    code,
+                    ..
+                }) => return Ok((code, session_present)),
+                // rumqttc reads the CONNACK before anything else; nothing of ours is queued
+                // before it either. Not a verdict either way.
+                Ok(_) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -94,21 +95,21 @@ pub async fn probe(broker: &BrokerConfig, timeout: Duration) -> ProbeOutcome {
     .await;
     outcome.round_trip = start.elapsed();
     let failure = match connack {
-        Ok(Ok(ack)) => {
+        Ok(Ok((code, session_present))) => {
             outcome.ok = true;
-            outcome.connack = Some(format!("{:?}", ack.code));
-            outcome.session_present = Some(ack.session_present);
+            outcome.connack = Some(code);
+            outcome.session_present = Some(session_present);
             None
         }
-        Ok(Err(e)) => Some(e),
-        // The worker's words for a broker that does not answer in time.
-        Err(_) => Some(ConnectionError::NetworkTimeout),
-    };
-    if let Some(e) = failure {
-        if let ConnectionError::ConnectionRefused(code) = &e {
-            outcome.connack = Some(format!("{code:?}"));
+        Ok(Err(e)) => {
+            outcome.connack = e.refused_code();
+            Some(describe_error(&e, &c, false))
         }
-        outcome.error = Some(describe_error(&e, &c, false));
+        // The worker's words for a broker that does not answer in time.
+        Err(_) => Some(describe_timeout(&c)),
+    };
+    if let Some(error) = failure {
+        outcome.error = Some(error);
         return outcome;
     }
     // A clean goodbye, so the broker logs a disconnect rather than a lost client; bounded as
@@ -117,7 +118,7 @@ pub async fn probe(broker: &BrokerConfig, timeout: Duration) -> ProbeOutcome {
         let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
             loop {
                 match eventloop.poll().await {
-                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(Wire::SentDisconnect) | Err(_) => break,
                     Ok(_) => {}
                 }
             }

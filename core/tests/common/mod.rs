@@ -430,7 +430,12 @@ impl FlakyBroker {
             }
             None => return Err(std::io::ErrorKind::TimedOut.into()),
         }
-        stream.write_all(&[0x20, 0x02, 0x00, 0x00])?;
+        let connack: &[u8] = match protocol() {
+            engine::Protocol::V311 => &[0x20, 0x02, 0x00, 0x00],
+            // MQTT 5 adds the properties' length (none).
+            engine::Protocol::V5 => &[0x20, 0x03, 0x00, 0x00, 0x00],
+        };
+        stream.write_all(connack)?;
         stream.flush()?;
         stream.shutdown(std::net::Shutdown::Both)
     }
@@ -623,6 +628,14 @@ pub fn protocol() -> engine::Protocol {
     match std::env::var("MQTT_PG_PROTOCOL").as_deref() {
         Ok("5") => engine::Protocol::V5,
         _ => engine::Protocol::V311,
+    }
+}
+
+/// How mosquitto's log names the protocol of a connection: "p2" (3.1.1) or "p5".
+pub fn proto_tag() -> &'static str {
+    match protocol() {
+        engine::Protocol::V311 => "p2",
+        engine::Protocol::V5 => "p5",
     }
 }
 
@@ -1045,8 +1058,41 @@ impl RawPacket {
         v
     }
 
+    /// Parse as the protocol the tests speak ([`protocol`]): MQTT 5 adds a properties block
+    /// to CONNECT, CONNACK, PUBLISH and SUBSCRIBE, which is skipped here.
     pub fn parse(&self) -> Packet {
+        self.parse_as(protocol() == engine::Protocol::V5)
+    }
+
+    /// Parse as MQTT 5 (`v5`) or 3.1.1. A CONNECT says its own version.
+    pub fn parse_as(&self, v5: bool) -> Packet {
         let b = &self.body;
+        let v5 = if self.header >> 4 == 1 {
+            let name_len = usize::from(u16::from_be_bytes([b[0], b[1]]));
+            b[2 + name_len] == 5
+        } else {
+            v5
+        };
+        // A variable byte integer (a properties length) at `i`: its value and width.
+        let varint_at = |i: usize| -> (usize, usize) {
+            let (mut n, mut w) = (0usize, 0usize);
+            loop {
+                let byte = b[i + w];
+                n |= usize::from(byte & 0x7f) << (7 * w);
+                w += 1;
+                if byte & 0x80 == 0 {
+                    return (n, w);
+                }
+            }
+        };
+        let skip_props = |i: usize| -> usize {
+            if v5 {
+                let (n, w) = varint_at(i);
+                i + w + n
+            } else {
+                i
+            }
+        };
         let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let str_at = |i: usize| -> (String, usize) {
             let n = usize::from(u16_at(i));
@@ -1060,7 +1106,7 @@ impl RawPacket {
                 // "MQTT", level, flags, keepalive, client id
                 let (_proto, i) = str_at(0);
                 let flags = b[i + 1];
-                let (client_id, _) = str_at(i + 4);
+                let (client_id, _) = str_at(skip_props(i + 4));
                 Packet::Connect {
                     client_id,
                     clean_session: flags & 0x02 != 0,
@@ -1080,6 +1126,7 @@ impl RawPacket {
                     i += 2;
                     p
                 });
+                i = skip_props(i);
                 Packet::Publish {
                     dup: self.header & 0x08 != 0,
                     qos,
@@ -1095,7 +1142,7 @@ impl RawPacket {
             7 => Packet::PubComp(u16_at(0)),
             8 => {
                 let pkid = u16_at(0);
-                let mut i = 2;
+                let mut i = skip_props(2);
                 let mut filters = Vec::new();
                 while i < b.len() {
                     let (f, j) = str_at(i);
@@ -1162,6 +1209,10 @@ pub struct ScriptedConn {
     stream: TcpStream,
     /// Every packet read from the client, in order.
     pub seen: Vec<Packet>,
+    /// The same packets as they came on the wire.
+    pub raw_seen: Vec<RawPacket>,
+    /// The client's CONNECT said MQTT 5.
+    pub v5: bool,
     /// Answer the client's PUBRELs with PUBCOMP by itself, as any broker does (the engine
     /// releases every QoS 2 packet id it may use when it resumes a session), and keep them
     /// out of what [`ScriptedConn::read`] returns. On by default.
@@ -1183,8 +1234,13 @@ impl ScriptedConn {
                 .unwrap();
             match read_raw(&mut self.stream) {
                 Ok(Some(raw)) => {
-                    let p = raw.parse();
+                    if raw.header >> 4 == 1 {
+                        let name_len = usize::from(u16::from_be_bytes([raw.body[0], raw.body[1]]));
+                        self.v5 = raw.body[2 + name_len] == 5;
+                    }
+                    let p = raw.parse_as(self.v5);
                     self.seen.push(p.clone());
+                    self.raw_seen.push(raw);
                     match p {
                         Packet::PubRel(id) if self.answer_pubrel => {
                             self.released.push(id);
@@ -1220,7 +1276,11 @@ impl ScriptedConn {
     }
 
     pub fn connack(&mut self, session_present: bool) {
-        self.send(RawPacket::new(0x20, vec![u8::from(session_present), 0]));
+        let mut body = vec![u8::from(session_present), 0];
+        if self.v5 {
+            body.push(0); // no properties
+        }
+        self.send(RawPacket::new(0x20, body));
     }
 
     /// PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70) for `pkid`.
@@ -1261,6 +1321,8 @@ impl ScriptedBroker {
                     return Some(ScriptedConn {
                         stream,
                         seen: Vec::new(),
+                        raw_seen: Vec::new(),
+                        v5: false,
                         answer_pubrel: true,
                         released: Vec::new(),
                     });
