@@ -23,6 +23,11 @@ Figures (N = --messages); the name in [brackets] is what --only takes:
    -C N` is timed draining its backlog. mqtt_pg: a subscription at QoS Q, the listener stopped
    (mqtt_stop_listener, until the broker logs the disconnect), the same N published, then the time
    from mqtt_start_listener until N 'receive' history rows are stored. Target ratio >= 0.9.
+2b. [ingest_q1_v5] QoS 1 ingest from a second mosquitto with its default window
+   (max_inflight_messages 20, which holds a 3.1.1 subscriber to 20 unacknowledged messages):
+   the same backlog into broker rows on MQTT 3.1.1 (reported) and on MQTT 5 with
+   receive_maximum 10,000 (target >= 0.9). Ceiling: `mosquitto_sub -V 5 -x 3600 -c` draining the
+   same backlog from its session on that broker.
 3. [routed] Routed ingest: the same kind of QoS 1 backlog as JSON objects, once into a plain
    subscription (history only: the ceiling) and once into one with target_table = a plain logged
    table (readings); rows and distinct sequence numbers counted. Target >= 0.5.
@@ -98,7 +103,7 @@ from harness import Mosquitto, MqttSub, PgCluster, SeqPublisher, seq_of, seq_pay
 # the same window, so the comparison is of the same protocol exchange; change both together.
 WORKER_INFLIGHT = 100
 
-FIGURES = ("ingest_q0", "ingest_q1", "routed", "publish", "delivery", "pgbench", "watch", "latency", "status")
+FIGURES = ("ingest_q0", "ingest_q1", "ingest_q1_v5", "routed", "publish", "delivery", "pgbench", "watch", "latency", "status")
 DB = "bench"
 BROKER = "bench"
 OWNER = "bench_owner"
@@ -345,15 +350,16 @@ class Bench:
     def max_history_id(self) -> int:
         return self.q("SELECT coalesce(max(id), 0) FROM mqtt_message_history")
 
-    def client_id(self) -> str:
-        return harness.broker_status(self.db, BROKER)["client_id"]
+    def client_id(self, broker: str = BROKER) -> str:
+        return harness.broker_status(self.db, broker)["client_id"]
 
-    def stop_listener(self) -> None:
-        cid = self.client_id()
-        gone = self.mosq.disconnections_of(cid)
-        self.db.execute("SELECT mqtt_stop_listener(%s)", (BROKER,))
-        harness.wait_status(self.db, BROKER, "stopped")
-        wait_for(lambda: self.mosq.disconnections_of(cid) > gone, timeout=20,
+    def stop_listener(self, broker: str = BROKER, mosq: Mosquitto | None = None) -> None:
+        mosq = mosq or self.mosq
+        cid = self.client_id(broker)
+        gone = mosq.disconnections_of(cid)
+        self.db.execute("SELECT mqtt_stop_listener(%s)", (broker,))
+        harness.wait_status(self.db, broker, "stopped")
+        wait_for(lambda: mosq.disconnections_of(cid) > gone, timeout=20,
                  message="the listener to leave the broker")
 
     def outbox_empty(self) -> bool:
@@ -390,12 +396,13 @@ class Bench:
             time.sleep(0.01)
 
     # -- backlogs at the broker ----------------------------------------------------------------
-    def publish_backlog(self, topic: str, n: int, qos: int, payload: Callable[[int], str]) -> float:
+    def publish_backlog(self, topic: str, n: int, qos: int, payload: Callable[[int], str],
+                        mosq: Mosquitto | None = None) -> float:
         """n messages (payload(i), i = 0..n-1) published with paho and acknowledged by the broker;
         a QoS 0 backlog is closed by a QoS 1 marker, whose PUBACK comes after the broker has
         handled everything before it on the connection. Seconds taken."""
         t0 = time.monotonic()
-        with SeqPublisher(self.mosq.port) as pub:
+        with SeqPublisher((mosq or self.mosq).port) as pub:
             pub.connect()
             window = 20_000  # paho's packet ids are 16 bits
             for i in range(n):
@@ -413,11 +420,11 @@ class Bench:
             "SELECT count(*), count(DISTINCT payload) FROM mqtt_message_history "
             "WHERE id > %s AND direction = 'receive' AND topic = %s", (h0, topic)).fetchone()
 
-    def drain_into_pg(self, topic: str, n: int, label: str) -> dict:
+    def drain_into_pg(self, topic: str, n: int, label: str, broker: str = BROKER) -> dict:
         """Start the listener and time until n 'receive' history rows on `topic` are stored."""
         h0 = self.max_history_id()
         t0 = time.monotonic()
-        self.db.execute("SELECT mqtt_start_listener(%s)", (BROKER,))
+        self.db.execute("SELECT mqtt_start_listener(%s)", (broker,))
         last, last_change, t_first = 0, t0, None
         while True:
             top = self.max_history_id() - h0  # an index probe; an exact count once it says all may be there
@@ -485,6 +492,61 @@ class Bench:
         self.ratio_row(f"ingest_q{qos}", f"ingest, QoS {qos} backlog of {n:,}", res["rate"], ceil, "msg/s",
                        "mosquitto_sub -c, same backlog", 0.9,
                        seconds=res["seconds"], ceiling_seconds=t_ceil, batches=res["batches"])
+
+    # -- 2b: QoS 1 ingest and the Receive Maximum ----------------------------------------------
+    def fig_flow(self) -> None:
+        """QoS 1 ingest from a broker with mosquitto's default window (max_inflight_messages 20):
+        on MQTT 3.1.1 the broker sends at most 20 unacknowledged messages, and the worker
+        acknowledges only after its commit, so a batch holds at most 20; on MQTT 5 the worker
+        announces its own Receive Maximum. Ceiling: mosquitto_sub -V 5 (Receive Maximum 65,535)
+        draining the same backlog from its persistent session."""
+        n = self.n
+        recv_max = 10_000
+        log(f"[ingest_q1_v5] QoS 1 ingest of {n:,} from a broker with max_inflight_messages 20: "
+            f"MQTT 3.1.1, then MQTT 5 with receive_maximum {recv_max:,}")
+        mosq = Mosquitto(extra_conf=f"{MOSQUITTO_CONF}\nmax_inflight_messages 20\n"
+                         "max_queued_messages 100000000").start()
+        try:
+            ceil_topic = "bench/flow/ceil"
+            cid = unique("ceil5")
+            base = [harness.MOSQUITTO_SUB, "-h", harness.HOST, "-p", str(mosq.port), "-V", "5", "-x", "3600",
+                    "-c", "-i", cid, "-q", "1", "-t", ceil_topic]
+            r = run_proc(base + ["-E"], timeout=30)
+            if r.returncode != 0:
+                raise RuntimeError(f"mosquitto_sub -E failed ({r.returncode}): {r.stderr}")
+            self.publish_backlog(ceil_topic, n, 1, lambda i: seq_payload(i, PAYLOAD_BYTES), mosq=mosq)
+            out_file = mosq.workdir / f"{cid}.txt"
+            with open(out_file, "wb") as out:
+                t0 = time.monotonic()
+                r = run_proc(base + ["-C", str(n)], timeout=max(120, n / 500), stdout=out)
+                t_ceil = time.monotonic() - t0
+            seqs = [seq_of(line) for line in out_file.read_bytes().splitlines() if line]
+            self.check(r.returncode == 0 and len(seqs) == n and set(seqs) == set(range(n)),
+                       f"ingest_q1_v5 ceiling: mosquitto_sub -V 5 got {len(seqs):,} of {n:,} ({r.returncode})")
+            ceil = rate(n, t_ceil)
+            log(f"  ceiling: mosquitto_sub -V 5 drained in {t_ceil:.2f} s ({fmt_rate(ceil)})")
+            for version, rm in (("3.1.1", None), ("5", recv_max)):
+                name = f"flow{version.replace('.', '')}"
+                self.db.execute(
+                    "INSERT INTO mqtt_broker (name, host, port, clean_session, protocol_version, receive_maximum, "
+                    "active) VALUES (%s, %s, %s, false, %s, %s, true)", (name, harness.HOST, mosq.port, version, rm))
+                harness.wait_status(self.db, name, "connected", timeout=30)
+                prefix = f"bench/flow/{name}"
+                self.db.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{prefix}/#", name))
+                harness.wait_ingesting(self.db, mosq.port, f"{prefix}/probe", timeout=30, qos=1)
+                self.stop_listener(name, mosq)
+                self.publish_backlog(f"{prefix}/data", n, 1, lambda i: seq_payload(i, PAYLOAD_BYTES), mosq=mosq)
+                res = self.drain_into_pg(f"{prefix}/data", n, f"ingest_q1 MQTT {version}", broker=name)
+                log(f"  MQTT {version}: stored in {res['seconds']:.2f} s ({fmt_rate(res['rate'])}), "
+                    f"{res['batches']} transactions")
+                window = "the broker's window of 20" if rm is None else f"receive_maximum {rm:,}"
+                self.ratio_row("ingest_q1_v5" if rm else "ingest_q1_311", f"ingest, QoS 1 backlog of {n:,}, "
+                               f"MQTT {version}, {window}", res["rate"], ceil, "msg/s",
+                               "mosquitto_sub -V 5 -c, same broker", 0.9 if rm else None,
+                               seconds=res["seconds"], ceiling_seconds=t_ceil, batches=res["batches"])
+                self.db.execute("SELECT mqtt_stop_listener(%s)", (name,))
+        finally:
+            mosq.stop()
 
     # -- 3: routed ingest ----------------------------------------------------------------------
     def routed_probe(self, prefix: str) -> None:
@@ -893,6 +955,7 @@ class Bench:
             plan = [("soak", self.fig_soak)]
         else:
             plan = [("ingest_q0", lambda: self.fig_ingest(0)), ("ingest_q1", lambda: self.fig_ingest(1)),
+                    ("ingest_q1_v5", self.fig_flow),
                     ("routed", self.fig_routed), ("publish", self.fig_publish_delivery),
                     ("pgbench", self.fig_pgbench), ("watch", self.fig_watch), ("latency", lambda: self.fig_latency(False)),
                     ("latency", lambda: self.fig_latency(True)), ("status", self.fig_status)]
