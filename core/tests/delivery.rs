@@ -916,3 +916,78 @@ fn panicking_connection_task_is_reported_and_restarted() {
     let events = h.wait_outcomes(1);
     assert_eq!(delivered(&events), vec![(7, Some(1))]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. A member of a shared subscription that stops cleanly hands its share over
+// ---------------------------------------------------------------------------------------------
+
+/// Two connections in one `$share` group while a stream of QoS 1 messages flows; one is
+/// stopped mid-stream (as `mqtt_stop_listener` does). It leaves the group before it says
+/// goodbye and hands the worker everything the broker gave it, so between the two every
+/// message arrives: none lost in the stopped connection's socket (clean session) and none
+/// queued for a member that is gone.
+#[test]
+fn shared_subscription_member_stopping_cleanly_loses_nothing() {
+    const N: usize = 20_000;
+    let broker = Broker::start();
+    let mut h = Harness::new(65_536);
+    let a = config(1, broker.port, "share-a");
+    let b = config(2, broker.port, "share-b");
+    let (cid_a, cid_b) = (a.client_id.clone(), b.client_id.clone());
+    h.engine().set_brokers(vec![a, b.clone()]);
+    h.wait_until("both Connected", WAIT, |s| {
+        s.iter()
+            .filter(|e| matches!(e, Event::Connected { .. }))
+            .count()
+            == 2
+    });
+    h.subscribe(&broker, 1, &cid_a, &[("$share/g/eng/sh/#", 1)]);
+    h.subscribe(&broker, 2, &cid_b, &[("$share/g/eng/sh/#", 1)]);
+    let input: Vec<u8> = (0..N).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+    let mut publisher = spawn_mosquitto_pub(&broker, &["-t", "eng/sh/x", "-q", "1", "-l"], input);
+    let mut got: Vec<(i32, usize)> = Vec::new();
+    let mut take = |events: &[Event], got: &mut Vec<(i32, usize)>| {
+        for m in received(events) {
+            let n: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+            got.push((m.broker_id, n));
+        }
+    };
+    let first = h.wait_until("a share on each", Duration::from_secs(30), |s| {
+        let r = received(s);
+        r.iter().filter(|m| m.broker_id == 1).count() >= 1000
+            && r.iter().filter(|m| m.broker_id == 2).count() >= 1000
+    });
+    take(&first, &mut got);
+    // Stop A mid-stream; B keeps running.
+    h.engine().set_brokers(vec![b]);
+    let rest = h.wait_until("every message", Duration::from_secs(60), |s| {
+        got.len() + received(s).len() >= N
+    });
+    take(&rest, &mut got);
+    publisher.wait_success(Duration::from_secs(30));
+    let late = h.collect_for(Duration::from_millis(300));
+    take(
+        &late.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
+        &mut got,
+    );
+    let mut seen = vec![0u32; N];
+    for (_, n) in &got {
+        seen[*n] += 1;
+    }
+    let lost: Vec<usize> = (0..N).filter(|n| seen[*n] == 0).collect();
+    let twice: Vec<usize> = (0..N).filter(|n| seen[*n] > 1).collect();
+    assert!(
+        lost.is_empty(),
+        "{} lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        twice.is_empty(),
+        "{} twice, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(10)]
+    );
+    let on_a = got.iter().filter(|(b, _)| *b == 1).count();
+    assert!(on_a >= 1000 && on_a < N, "A's share: {on_a}");
+}

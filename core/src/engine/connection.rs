@@ -323,7 +323,7 @@ impl Book {
                     }
                 }
             }
-            Wire::SentDisconnect | Wire::Other => {}
+            Wire::SentDisconnect | Wire::UnsubAck | Wire::Other => {}
         }
     }
 
@@ -603,6 +603,9 @@ pub(super) async fn run_broker(
     // still credited; rumqttc's state is left intact for that.
     lock(&book).queue.clear();
     let connected = lock(&book).connected;
+    if connected {
+        leave_shared_groups(&client, &mut eventloop, &book, id, &mut out, &emitter).await;
+    }
     if let Some(will) = config
         .will
         .as_ref()
@@ -626,6 +629,56 @@ pub(super) async fn run_broker(
     lock(&book).take_buffered(&client, id, &mut eventloop, &mut out);
     out.push(Event::Stopped { broker_id: id });
     emitter.emit_all(&mut out).await;
+}
+
+/// How long a stopping connection waits for the broker to confirm that it left its shared
+/// subscriptions (see [`leave_shared_groups`]).
+const LEAVE_GRACE: Duration = Duration::from_secs(2);
+
+/// Before a clean stop, unsubscribe the shared subscriptions (`$share/GROUP/filter`) and read
+/// until the broker confirms, handing every message that arrives meanwhile to the worker.
+///
+/// A broker hands each message of a group to one member. Once it has sent the UNSUBACK it gives
+/// us no more, and everything it gave us before is ahead of the UNSUBACK on the connection, so
+/// reading up to it leaves nothing of ours unread in the socket: with a clean session that
+/// would be lost at the DISCONNECT, and with a persistent one the broker would keep queueing
+/// our share for a member that is gone instead of giving it to the others. The next start
+/// subscribes again (every CONNACK does). Plain subscriptions are kept: a persistent session
+/// is there to keep their messages while we are away.
+async fn leave_shared_groups(
+    client: &Client,
+    eventloop: &mut Loop,
+    book: &Mutex<Book>,
+    id: i32,
+    out: &mut Vec<Event>,
+    emitter: &Emitter,
+) {
+    let shared: Vec<String> = lock(book)
+        .wanted_subs
+        .keys()
+        .filter(|f| f.starts_with("$share/"))
+        .cloned()
+        .collect();
+    let mut waiting = shared
+        .iter()
+        .filter(|f| client.try_unsubscribe(f).is_ok())
+        .count();
+    if waiting == 0 {
+        return;
+    }
+    let _ = tokio::time::timeout(LEAVE_GRACE, async {
+        while waiting > 0 {
+            match eventloop.poll().await {
+                Ok(Wire::UnsubAck) => waiting -= 1,
+                Ok(ev) => lock(book).on_event(client, id, ev, out),
+                Err(_) => break,
+            }
+            if !emitter.emit_all(out).await {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Apply one command of the worker; false for Stop.

@@ -111,6 +111,7 @@ pub(super) enum Wire {
         pkid: u16,
         refused: Vec<Option<String>>,
     },
+    UnsubAck,
     Other,
 }
 
@@ -446,6 +447,7 @@ fn wire4(ev: rumqttc::Event) -> Wire {
             refused: None,
         },
         Event::Incoming(Packet::PubComp(a)) => Wire::PubComp { pkid: a.pkid },
+        Event::Incoming(Packet::UnsubAck(_)) => Wire::UnsubAck,
         Event::Incoming(Packet::SubAck(a)) => Wire::SubAck {
             pkid: a.pkid,
             refused: a
@@ -489,6 +491,7 @@ fn wire5(ev: v5::Event) -> Wire {
                 .map(|r| with_reason_string(r, a.properties.and_then(|p| p.reason_string))),
         },
         v5::Event::Incoming(Packet::PubComp(a)) => Wire::PubComp { pkid: a.pkid },
+        v5::Event::Incoming(Packet::UnsubAck(_)) => Wire::UnsubAck,
         v5::Event::Incoming(Packet::SubAck(a)) => {
             let why = a.properties.and_then(|p| p.reason_string);
             Wire::SubAck {
