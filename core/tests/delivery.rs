@@ -946,7 +946,7 @@ fn shared_subscription_member_stopping_cleanly_loses_nothing() {
     let input: Vec<u8> = (0..N).flat_map(|i| format!("{i}\n").into_bytes()).collect();
     let mut publisher = spawn_mosquitto_pub(&broker, &["-t", "eng/sh/x", "-q", "1", "-l"], input);
     let mut got: Vec<(i32, usize)> = Vec::new();
-    let mut take = |events: &[Event], got: &mut Vec<(i32, usize)>| {
+    let take = |events: &[Event], got: &mut Vec<(i32, usize)>| {
         for m in received(events) {
             let n: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
             got.push((m.broker_id, n));
@@ -989,5 +989,5 @@ fn shared_subscription_member_stopping_cleanly_loses_nothing() {
         &twice[..twice.len().min(10)]
     );
     let on_a = got.iter().filter(|(b, _)| *b == 1).count();
-    assert!(on_a >= 1000 && on_a < N, "A's share: {on_a}");
+X
 }
