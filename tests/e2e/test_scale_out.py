@@ -27,6 +27,7 @@ Runs on MQTT 3.1.1; the '5' cases run once `mqtt_broker.protocol_version` exists
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -282,8 +283,9 @@ def test_server_stopped_immediately_hands_over_and_rejoins(make_group, publisher
     assert rejoined > 0, "server a did not get a share again after its restart"
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "persistent"])
-def test_crash_with_messages_in_flight(make_group, publisher, clean_session):
+def test_crash_with_messages_in_flight(make_group, publisher, protocol, clean_session):
     """The limit of a hand-over: server a crashes (immediate stop) while it holds messages it
     has received but not stored, so not acknowledged (its mqtt_message_history is locked by
     another session). mosquitto 2.0.11 never gives such a message to another member of the
@@ -297,7 +299,7 @@ def test_crash_with_messages_in_flight(make_group, publisher, clean_session):
       When server a is back it stores them: every message exactly once over both servers (a
       message committed but not yet acknowledged at the crash would be stored twice, by server
       a; here none was committed)."""
-    g = make_group("3.1.1", clean_session=clean_session)
+    g = make_group(protocol, clean_session=clean_session)
     publish_and_split(g, publisher, range(1, 101))
 
     x = 400  # published while server a cannot store
@@ -362,3 +364,70 @@ def test_crash_with_messages_in_flight(make_group, publisher, clean_session):
         assert in_flight_to_a <= set(a), "a message in flight to server a was not stored by it"
         print(f"[crash, persistent session] after the restart server a stored {len(a)}; "
               f"duplicates on a: {SeqReport(a, everything).dup_count}")
+
+
+def unsubscribed(mosq: Mosquitto, client_id: str, topic_filter: str) -> bool:
+    """mosquitto's log shows the client's UNSUBSCRIBE ('<time>: <client id> <filter>')."""
+    return any(line.endswith(f": {client_id} {topic_filter}") for line in mosq.log_text().splitlines())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "persistent"])
+def test_leave_mid_stream_unsubscribe_first(make_group, publisher, protocol, clean_session):
+    """The graceful way to take a server out of the group while messages flow, with either
+    session setting: mqtt_unsubscribe the shared filter on it first (the broker stops giving it
+    new messages; those already sent to it are still stored and acknowledged on the live
+    connection), and stop its listener only then. Nothing is lost, nothing is stored twice, and
+    everything published after the UNSUBSCRIBE is stored by server b."""
+    g = make_group(protocol, clean_session=clean_session)
+    first = range(1, 10_001)
+    th = threading.Thread(target=publisher.publish_seq, args=(g.topic, first), daemon=True)
+    th.start()
+    wait_for(lambda: g.a.count(g.topic) >= 1000, timeout=60, interval=0.01,
+             message="server a to be storing its share")
+    with g.a.pg.connect(TEST_DB) as c:
+        assert c.execute("SELECT mqtt_unsubscribe(%s, %s)", (g.filter, g.a.broker)).fetchone()[0] is True
+    wait_for(lambda: unsubscribed(g.mosq, g.a.client_id, g.filter), timeout=20,
+             message="mosquitto to log server a's UNSUBSCRIBE")
+    th.join(120)
+    assert not th.is_alive()
+    publisher.wait_all_acked(timeout=120)
+    # all of the first batch is stored (server a finishes what was sent to it) before it leaves
+    a, b = g.wait_union(first)
+    assert_exactly_once(a, b, first)
+    with g.a.pg.connect(TEST_DB) as c:
+        c.execute("SELECT mqtt_stop_listener(%s)", (g.a.broker,))
+        wait_status(c, g.a.broker, "stopped")
+
+    second = range(first.stop, first.stop + M)
+    publisher.publish_seq(g.topic, second)
+    publisher.wait_all_acked(timeout=120)
+    everything = range(1, second.stop)
+    a, b = g.wait_union(everything)
+    assert_exactly_once(a, b, everything)
+    assert set(second) <= set(b)
+    print(f"\n[unsubscribe, then stop; {'clean' if clean_session else 'persistent'} session] server a stored "
+          f"{len(a)} of the first {len(first)}, server b the rest and all {M} later ones")
+
+
+@pytest.mark.xfail(reason="mqtt_stop_listener sends DISCONNECT while messages sent to it are still "
+                          "unacknowledged; with a clean session mosquitto drops them (it never hands them "
+                          "to another member). Unsubscribe first: test_leave_mid_stream_unsubscribe_first",
+                   strict=False)
+def test_stop_listener_mid_stream_clean_session_loses_nothing(make_group, publisher):
+    """Stopping a clean-session member's listener while messages flow, without unsubscribing
+    first: every message should still be stored once over both servers. Today the messages in
+    flight to the stopping server at its DISCONNECT are lost (tens to a hundred in a run here)."""
+    g = make_group("3.1.1", clean_session=True)
+    total = range(1, 20_001)
+    th = threading.Thread(target=publisher.publish_seq, args=(g.topic, total), daemon=True)
+    th.start()
+    wait_for(lambda: g.a.count(g.topic) >= 3000, timeout=60, interval=0.01,
+             message="server a to be storing its share")
+    with g.a.pg.connect(TEST_DB) as c:
+        c.execute("SELECT mqtt_stop_listener(%s)", (g.a.broker,))
+    th.join(120)
+    publisher.wait_all_acked(timeout=120)
+    a, b = g.wait_union(total, timeout=30)
+    print(f"\n[stop listener mid-stream, clean session] {SeqReport(a + b, total)}")
+    assert_exactly_once(a, b, total)
