@@ -6,30 +6,34 @@ as two servers in production would be, and one mosquitto. An independent paho pu
 numbered QoS 1 messages ('n=000042'); every assertion counts the numbers stored in each server's
 `mqtt_message_history` exactly.
 
-What mosquitto 2.0.11 does (checked with paho clients, 3.1.1 and 5; the README's "Scaling out"
-has the details) decides the settings:
+What mosquitto 2.0.11 does (checked with paho clients, 3.1.1 and 5 alike; the README's "Scaling
+out" has the table) decides the settings:
 
 * It hands the messages of a group round robin to its members, one each in turn, whatever their
-  speed, for 3.1.1 and MQTT 5 clients alike.
+  speed.
 * A member that goes away with a persistent session (clean_session false, or an MQTT 5 session
   expiry > 0) stays in the group: its turn comes round as before and its share queues in its
-  offline session until it comes back. So the others do NOT take the whole stream.
-* Messages in flight to a member that dies (sent, not acknowledged) stay with its session: with
-  a persistent session it gets them when it comes back; with a clean session (or when its session
-  expires) mosquitto drops them. It never hands them to another member of the group.
+  offline session until it comes back (or is dropped when the session expires). So the others
+  do NOT take the whole stream.
+* Messages in flight to a member that goes away (sent, not acknowledged) stay with its session:
+  a persistent session gets them when it comes back; a clean session loses them. mosquitto never
+  hands them to another member of the group.
 
-So a hand-over needs clean sessions (`clean_session = true`): a member that leaves, leaves the
-group, and the others take the whole stream at once. The price is the messages in flight to a
-server that crashes (test_crash_with_messages_in_flight shows both settings).
+So with clean sessions the others take over a stopped server's share at once, and what was in
+flight to it is lost; with persistent sessions nothing is lost and a stopped server's share
+waits for it. Unsubscribing first, then stopping, loses nothing with either. Each test below
+shows one of these, counted exactly.
 
 Runs on MQTT 3.1.1; the '5' cases run once `mqtt_broker.protocol_version` exists.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -431,3 +435,126 @@ def test_stop_listener_mid_stream_clean_session_loses_nothing(make_group, publis
     a, b = g.wait_union(total, timeout=30)
     print(f"\n[stop listener mid-stream, clean session] {SeqReport(a + b, total)}")
     assert_exactly_once(a, b, total)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_adopt_the_session_of_a_lost_server(make_group, publisher, smosq, protocol):
+    """Persistent sessions, and server a is lost (immediate stop, not started again): its share
+    of what follows queues in its session. Server b adopts that session with a second broker row
+    carrying server a's client id and the same subscription: it stores what the session kept.
+    Then it unsubscribes and stops that row (the README's way out of the group), and every
+    message is stored exactly once over both servers."""
+    g = make_group(protocol, clean_session=False)
+    publish_and_split(g, publisher, range(1, 1001))
+    g.a.pg.stop("immediate")
+    wait_for(lambda: g.mosq.disconnections_of(g.a.client_id) >= 1, timeout=20,
+             message="mosquitto to see server a's connection close")
+    later = range(1001, 1001 + M)
+    publisher.publish_seq(g.topic, later)
+    publisher.wait_all_acked(timeout=120)
+    wait_for(lambda: g.b.count(g.topic) >= 500 + M // 2, timeout=60, interval=0.2,
+             message="server b to store its own share")
+
+    adopter = unique("adopt")
+    with g.b.pg.connect(TEST_DB) as c:
+        cols = {"name": adopter, "host": "127.0.0.1", "port": smosq.port, "clean_session": False,
+                "client_id": g.a.client_id}
+        if protocol != "3.1.1":
+            cols["protocol_version"] = protocol
+            if has_column(c, "mqtt_broker", "session_expiry"):
+                cols["session_expiry"] = 86400
+        c.execute(sql.SQL("INSERT INTO mqtt_broker ({}) VALUES ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(sql.Placeholder() * len(cols))),
+            list(cols.values()))
+        c.execute("SELECT mqtt_subscribe(%s, 1, %s)", (g.filter, adopter))
+        c.execute("SELECT mqtt_start_listener(%s)", (adopter,))
+        try:
+            everything = range(1, later.stop)
+            a_rows = 500  # server a's share of the first 1000, in its own (stopped) cluster
+            a, b = [], []
+
+            def all_there():
+                nonlocal b
+                b = g.b.seqs(g.topic)
+                return len(set(b)) >= len(everything) - a_rows
+
+            wait_for(all_there, timeout=60, interval=0.2, message="server b to store the adopted session's messages")
+            c.execute("SELECT mqtt_unsubscribe(%s, %s)", (g.filter, adopter))
+            wait_for(lambda: unsubscribed(g.mosq, g.a.client_id, g.filter), timeout=20,
+                     message="mosquitto to log the adopter's UNSUBSCRIBE")
+        finally:
+            c.execute("SELECT mqtt_stop_listener(%s)", (adopter,))
+    g.a.pg.start()
+    g.a.pg.wait_ready(TEST_DB)
+    a, b = g.seqs()
+    assert_exactly_once(a, b, everything)
+    print(f"\n[adopted session] server b stored {len(b)} (its share and the lost server's), server a {len(a)}")
+
+
+# --------------------------------------------------------------------------------------------
+# the README's "Scaling out" examples, as written there
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_block(tag: str) -> str:
+    [block] = re.findall(rf"```sql {tag}\n(.*?)```", README.read_text(), flags=re.S)
+    return block
+
+
+def test_readme_scaling_out_examples(pg_a, pg_b, smosq, publisher):
+    """The README's statements, on two servers: `scale-join` on each makes one group (the split
+    is exact), `scale-fdw` on server a shows the whole stream once, `scale-leave` takes server a
+    out and server b then stores everything."""
+    prefix = f"scale/{uuid.uuid4().hex[:12]}"
+    shared_filter = f"$share/{unique('grp')}/{prefix}/#"
+    topic = f"{prefix}/data"
+    names = {pg_a: unique("readme_a"), pg_b: unique("readme_b")}
+
+    def adapt(block: str, pg) -> str:
+        return (block.replace("$share/odoo-ingest/plant/#", shared_filter)
+                .replace("'plant'", f"'{names[pg]}'")
+                .replace("mqtt.example.com", "127.0.0.1").replace("1883", str(smosq.port))
+                .replace("pg-b.example.com", "127.0.0.1").replace("'5432'", f"'{pg_b.port}'")
+                .replace("dbname 'odoo'", f"dbname '{TEST_DB}'")
+                .replace("user 'report', password 'secret'", "user 'postgres'")
+                .replace("'plant/%'", f"'{prefix}/%'"))
+
+    members = []
+    try:
+        for label, pg in (("a", pg_a), ("b", pg_b)):
+            with pg.connect(TEST_DB) as c:
+                c.execute(adapt(readme_block("scale-join"), pg))
+                cid = c.execute("SELECT mqtt_status(%s)->>'client_id'", (names[pg],)).fetchone()[0]
+                wait_status(c, names[pg], "connected")
+            smosq.wait_subscribed(cid, shared_filter, timeout=20)
+            members.append(Member(label, pg, names[pg], cid))
+        g = Group(members[0], members[1], shared_filter, topic, smosq)
+        publish_and_split(g, publisher, range(1, 1001))
+
+        with pg_a.connect(TEST_DB) as c:
+            c.execute(adapt(readme_block("scale-fdw"), pg_a))
+            seqs = [seq_of(bytes(r[0])) for r in c.execute("SELECT payload FROM plant_messages").fetchall()]
+            servers = dict(c.execute("SELECT server, count(*) FROM plant_messages GROUP BY 1").fetchall())
+            c.execute("DROP VIEW plant_messages; DROP SCHEMA ingest_b CASCADE; DROP SERVER ingest_b CASCADE")
+        assert sorted(seqs) == list(range(1, 1001)), f"the view over both servers: {SeqReport(seqs, range(1, 1001))}"
+        assert servers.get("a", 0) > 0 and servers.get("b", 0) > 0, f"rows per server in the view: {servers}"
+
+        unsubscribe, stop = readme_block("scale-leave").split("-- wait", 1)
+        stop = stop.split("\n", 1)[1]
+        with pg_a.connect(TEST_DB) as c:
+            c.execute(adapt(unsubscribe, pg_a))
+            wait_for(lambda: unsubscribed(smosq, g.a.client_id, shared_filter), timeout=20,
+                     message="mosquitto to log server a's UNSUBSCRIBE")
+            c.execute(adapt(stop, pg_a))
+            wait_status(c, names[pg_a], "stopped")
+        publisher.publish_seq(topic, range(1001, 2001))
+        publisher.wait_all_acked(timeout=60)
+        a, b = g.wait_union(range(1, 2001))
+        assert_exactly_once(a, b, range(1, 2001))
+        assert set(range(1001, 2001)) <= set(b)
+    finally:
+        for pg, name in names.items():
+            with pg.connect(TEST_DB) as c:
+                c.execute("UPDATE mqtt_broker SET active = false WHERE name = %s", (name,))
