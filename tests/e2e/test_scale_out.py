@@ -414,17 +414,14 @@ def test_leave_mid_stream_unsubscribe_first(make_group, publisher, protocol, cle
           f"{len(a)} of the first {len(first)}, server b the rest and all {M} later ones")
 
 
-@pytest.mark.xfail(reason="mqtt_stop_listener sends DISCONNECT while messages sent to it are still "
-                          "unacknowledged; with a clean session mosquitto drops them (it never hands them "
-                          "to another member). Unsubscribe first: test_leave_mid_stream_unsubscribe_first",
-                   strict=False)
-def test_stop_listener_mid_stream_clean_session_loses_nothing(make_group, publisher):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_stop_listener_mid_stream_clean_session_loses_nothing(make_group, publisher, protocol):
     """Stopping a clean-session member's listener while messages flow, without unsubscribing
-    first: every message should still be stored once over both servers. Today the messages in
-    flight to the stopping server at its DISCONNECT (sent by the broker, not yet read from the
-    socket) are lost: 2 to 94 in runs here; a stop that falls between two bursts loses none,
-    and then this test passes (XPASS)."""
-    g = make_group("3.1.1", clean_session=True)
+    first: every message is still stored once over both servers. The stopping connection
+    unsubscribes its shared filters and stores what the broker sent it up to the UNSUBACK
+    before it disconnects (before that change, 2 to 94 messages sent to it and not yet read
+    were lost here)."""
+    g = make_group(protocol, clean_session=True)
     total = range(1, 20_001)
     th = threading.Thread(target=publisher.publish_seq, args=(g.topic, total), daemon=True)
     th.start()
@@ -543,14 +540,11 @@ def test_readme_scaling_out_examples(pg_a, pg_b, smosq, publisher):
         assert sorted(seqs) == list(range(1, 1001)), f"the view over both servers: {SeqReport(seqs, range(1, 1001))}"
         assert servers.get("a", 0) > 0 and servers.get("b", 0) > 0, f"rows per server in the view: {servers}"
 
-        unsubscribe, stop = readme_block("scale-leave").split("-- wait", 1)
-        stop = stop.split("\n", 1)[1]
         with pg_a.connect(TEST_DB) as c:
-            c.execute(adapt(unsubscribe, pg_a))
-            wait_for(lambda: unsubscribed(smosq, g.a.client_id, shared_filter), timeout=20,
-                     message="mosquitto to log server a's UNSUBSCRIBE")
-            c.execute(adapt(stop, pg_a))
+            c.execute(adapt(readme_block("scale-leave"), pg_a))
             wait_status(c, names[pg_a], "stopped")
+        wait_for(lambda: unsubscribed(smosq, g.a.client_id, shared_filter), timeout=20,
+                 message="mosquitto to log server a's UNSUBSCRIBE")
         publisher.publish_seq(topic, range(1001, 2001))
         publisher.wait_all_acked(timeout=60)
         a, b = g.wait_union(range(1, 2001))
