@@ -33,6 +33,9 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"
 MOSQUITTO_SUB = "/usr/bin/mosquitto_sub"
 HOST = "127.0.0.1"
+# The MQTT version of the broker rows the tests make: MQTT_PG_PROTOCOL=5 runs a suite on MQTT 5
+# (`./dev test` does so for the fault and delivery tests; see PgCluster._default_protocol).
+PROTOCOL = os.environ.get("MQTT_PG_PROTOCOL", "3.1.1")
 PG_USER = "postgres"
 
 
@@ -218,7 +221,37 @@ class PgCluster:
         if r.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stdout}{r.stderr}\n"
                                f"--- {self.logfile} ---\n{tail(self.log_text())}")
+        if PROTOCOL != "3.1.1":
+            self._default_protocol()
         return self
+
+    def _default_protocol(self) -> None:
+        """MQTT_PG_PROTOCOL=5: every broker row the tests make speaks MQTT 5 unless it says
+        otherwise. An event trigger in template1 (so in every database created from it, which is
+        every test database) sets mqtt_broker.protocol_version's default right after CREATE
+        EXTENSION mqtt_pg; the tests' own INSERTs stay as they are. Run as the superuser whatever
+        role creates the extension."""
+        with self.connect("template1") as c:
+            if c.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = 'e2e_mqtt_protocol'").fetchone():
+                return
+            c.execute(f"""
+                CREATE FUNCTION public.e2e_mqtt_protocol() RETURNS event_trigger
+                LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
+                DECLARE
+                    schema text;
+                BEGIN
+                    SELECT n.nspname INTO schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                    WHERE e.extname = 'mqtt_pg';
+                    IF schema IS NOT NULL AND EXISTS (
+                            SELECT FROM pg_event_trigger_ddl_commands()
+                            WHERE command_tag = 'CREATE EXTENSION' AND object_identity = 'mqtt_pg') THEN
+                        EXECUTE format('ALTER TABLE %I.mqtt_broker ALTER COLUMN protocol_version SET DEFAULT %L',
+                                       schema, '{PROTOCOL}');
+                    END IF;
+                END
+                $f$""")
+            c.execute("CREATE EVENT TRIGGER e2e_mqtt_protocol ON ddl_command_end WHEN TAG IN ('CREATE EXTENSION') "
+                      "EXECUTE FUNCTION public.e2e_mqtt_protocol()")
 
     def stop(self, mode: str = "fast", timeout: int = 60) -> None:
         if not self.running():

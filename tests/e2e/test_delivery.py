@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 
 from harness import (
     HOST,
+    PROTOCOL,
     mosquitto_pub,
     mqtt_sub,
     wait_for,
@@ -23,6 +24,17 @@ from harness import (
 
 def outbox_count(conn, broker_id) -> int:
     return conn.execute("SELECT count(*) FROM mqtt_outbox WHERE broker_id = %s", (broker_id,)).fetchone()[0]
+
+
+def test_brokers_speak_the_protocol_under_test(conn, broker, mosq):
+    """This suite runs twice in `./dev test`, on MQTT 3.1.1 and on MQTT 5 (MQTT_PG_PROTOCOL):
+    the broker rows the tests make, and the connections mosquitto sees, are of that version."""
+    version, cid = conn.execute("SELECT b.protocol_version, s.client_id FROM mqtt_broker_status s "
+                                "JOIN mqtt_broker b ON b.id = s.broker_id WHERE b.id = %s",
+                                (broker.id,)).fetchone()
+    assert version == PROTOCOL
+    tag = {"3.1.1": "p2", "5": "p5"}[PROTOCOL]  # mosquitto numbers 3.1.1 as 2
+    assert f"as {cid} ({tag}," in mosq.log_text()
 
 
 def test_mixed_qos1_and_qos2_all_leave_the_outbox(conn, broker, mosq, topic):
