@@ -102,11 +102,19 @@ impl MessageProperties {
         if let Some(t) = &p.response_topic {
             crate::topic::validate_topic(t).map_err(|e| format!("invalid response_topic: {e}"))?;
         }
-        p.correlation_data = match string(obj, "correlation_data")? {
-            None => None,
-            Some(hex) => Some(from_hex(&hex).ok_or_else(|| {
+        // Not `string`: its limit is on the text, and the hex of the longest correlation data
+        // MQTT allows is twice that long. The decoded length is what is checked.
+        p.correlation_data = match obj.get("correlation_data") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(hex)) => Some(from_hex(hex).ok_or_else(|| {
                 "correlation_data must be a hex string of whole bytes, such as \"0a1b\"".to_string()
             })?),
+            Some(other) => {
+                return Err(format!(
+                    "correlation_data must be a string, not {}",
+                    kind(other)
+                ))
+            }
         };
         if p.correlation_data
             .as_ref()
@@ -200,6 +208,26 @@ impl MessageProperties {
     }
 }
 
+impl MessageProperties {
+    /// These properties after `waited_secs` whole seconds in the outbox: `message_expiry`
+    /// reduced by the wait (MQTT 5, 3.3.2.3.3: a message is forwarded with what is left of
+    /// its expiry). Err once nothing is left, in words for the dead letter's error. Whole
+    /// seconds round the wait down, so a message is never dropped before its time.
+    pub fn aged(mut self, waited_secs: u64) -> Result<MessageProperties, String> {
+        if let Some(expiry) = self.message_expiry {
+            match u64::from(expiry).checked_sub(waited_secs) {
+                Some(left) if left > 0 => self.message_expiry = Some(left as u32),
+                _ => {
+                    return Err(format!(
+                        "message expired in the outbox: message_expiry {expiry} s, waited {waited_secs} s"
+                    ))
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
 fn varint_len(n: usize) -> usize {
     match n {
         0..=127 => 1,
@@ -278,7 +306,7 @@ pub fn to_hex(b: &[u8]) -> String {
 
 /// Hex of either case to bytes; None for an odd length or a non-hex digit.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()
@@ -353,12 +381,53 @@ mod tests {
             let e = MessageProperties::from_json(&v).unwrap_err();
             assert!(e.contains(want), "{v}: {e}");
         }
+        // correlation data is limited in bytes, not in hex digits
+        let longest = "ab".repeat(MAX_FIELD);
+        let p = MessageProperties::from_json(&json!({ "correlation_data": longest })).unwrap();
+        assert_eq!(p.correlation_data.map(|c| c.len()), Some(MAX_FIELD));
+        let over = "ab".repeat(MAX_FIELD + 1);
+        assert!(
+            MessageProperties::from_json(&json!({ "correlation_data": over }))
+                .unwrap_err()
+                .contains("longer than MQTT allows")
+        );
+        assert!(
+            MessageProperties::from_json(&json!({ "correlation_data": 12 }))
+                .unwrap_err()
+                .contains("correlation_data must be a string")
+        );
         let long = "x".repeat(MAX_FIELD + 1);
         assert!(
             MessageProperties::from_json(&json!({ "content_type": long }))
                 .unwrap_err()
                 .contains("longer")
         );
+    }
+
+    #[test]
+    fn aged_subtracts_the_wait() {
+        let p = MessageProperties {
+            message_expiry: Some(60),
+            ..Default::default()
+        };
+        assert_eq!(p.clone().aged(0).unwrap().message_expiry, Some(60));
+        assert_eq!(p.clone().aged(59).unwrap().message_expiry, Some(1));
+        let e = p.clone().aged(60).unwrap_err();
+        assert_eq!(
+            e,
+            "message expired in the outbox: message_expiry 60 s, waited 60 s"
+        );
+        assert!(p.aged(75).unwrap_err().contains("waited 75 s"));
+        let none = MessageProperties {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        assert_eq!(none.clone().aged(u64::MAX).unwrap(), none);
+        let max = MessageProperties {
+            message_expiry: Some(u32::MAX),
+            ..Default::default()
+        };
+        assert_eq!(max.aged(1).unwrap().message_expiry, Some(u32::MAX - 1));
     }
 
     #[test]
