@@ -42,6 +42,15 @@ struct Pending {
     payload: Vec<u8>,
     qos: i16,
     retain: bool,
+    /// MQTT 5 properties as normalized JSON text; None when there are none.
+    properties: Option<String>,
+}
+
+impl Pending {
+    /// Bytes it holds, for the flush threshold.
+    fn size(&self) -> usize {
+        self.payload.len() + self.topic.len() + self.properties.as_ref().map_or(0, String::len)
+    }
 }
 
 /// Write the buffer out once it holds this many messages or payload bytes.
@@ -91,6 +100,7 @@ pub fn queue(
     payload: Vec<u8>,
     qos: i16,
     retain: bool,
+    properties: Option<String>,
 ) -> i64 {
     // SAFETY: nextval of the extension's own sequence; no permission check, as the row is
     // written as the extension's owner. The subtransaction id is a plain read.
@@ -108,6 +118,7 @@ pub fn queue(
         payload,
         qos,
         retain,
+        properties,
     });
     crate::wake::queued_at_commit(id);
     id
@@ -117,7 +128,7 @@ pub fn queue(
 fn push(p: Pending) {
     let full = PENDING.with(|q| {
         let mut q = q.borrow_mut();
-        BYTES.set(BYTES.get() + p.payload.len() + p.topic.len());
+        BYTES.set(BYTES.get() + p.size());
         q.push(p);
         q.len() >= FLUSH_ROWS || BYTES.get() >= FLUSH_BYTES
     });
@@ -147,7 +158,7 @@ fn take(full: bool) -> Vec<Pending> {
         } else {
             Vec::new()
         };
-        BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
+        BYTES.set(q.iter().map(Pending::size).sum());
         out
     })
 }
@@ -187,6 +198,7 @@ fn write(full: bool) -> bool {
     let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
     let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
     let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
+    let properties: Vec<Option<&str>> = rows.iter().map(|r| r.properties.as_deref()).collect();
     // At commit, after COPY, or in a portal's clean-up there is no active snapshot, which SPI
     // needs; the transaction's own serves (a transaction abort pops it if the INSERT fails).
     // SAFETY: snapshot stack calls inside a transaction, balanced below.
@@ -207,14 +219,17 @@ fn write(full: bool) -> bool {
                 arg(PgBuiltInOids::BYTEAARRAYOID),
                 arg(PgBuiltInOids::INT2ARRAYOID),
                 arg(PgBuiltInOids::BOOLARRAYOID),
+                arg(PgBuiltInOids::TEXTARRAYOID),
             ];
             let schema = &installed.schema;
             let sql = || {
                 format!(
-                    "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain) \
-                     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
+                    "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain, properties) \
+                     SELECT i, b, t, p, q, r, j::pg_catalog.jsonb \
+                     FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
                        pg_catalog.unnest($3), pg_catalog.unnest($4), \
-                       pg_catalog.unnest($5), pg_catalog.unnest($6))"
+                       pg_catalog.unnest($5), pg_catalog.unnest($6), \
+                       pg_catalog.unnest($7)) AS x(i, b, t, p, q, r, j)"
                 )
             };
             plans::with_plan(
@@ -234,6 +249,7 @@ fn write(full: bool) -> bool {
                             payload.into(),
                             qos.into(),
                             retain.into(),
+                            properties.into(),
                         ],
                     ) {
                         error!("mqtt_pg could not queue messages in mqtt_outbox: {e}");
@@ -373,7 +389,7 @@ unsafe extern "C-unwind" fn subxact_callback(
         PENDING.with(|q| {
             if let Ok(mut q) = q.try_borrow_mut() {
                 q.retain(|p| p.subxact < my_subid);
-                BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
+                BYTES.set(q.iter().map(Pending::size).sum());
             }
         });
         FLUSHING.set(false);
