@@ -17,9 +17,14 @@ use crate::security::access::{self, Operation};
 use crate::triggers::pending;
 use crate::{catalog, gucs};
 
-/// Queue a text payload (sent as its UTF-8 bytes).
+/// Queue a text payload (sent as its UTF-8 bytes), with MQTT 5 properties.
+///
+/// The Rust names (and so the C symbols, `<name>_wrapper`) of the forms with `properties` are
+/// new: SQL of an earlier version points at the old symbols with five arguments, and between
+/// installing this library and `ALTER EXTENSION mqtt_pg UPDATE` those must still take five
+/// (and refuse with the version gate's 55000), not read a sixth that is not there.
 #[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
-fn mqtt_publish_text(
+fn mqtt_publish_text_properties(
     topic: Option<&str>,
     payload: Option<&str>,
     qos: default!(Option<i32>, 0),
@@ -37,9 +42,9 @@ fn mqtt_publish_text(
     )
 }
 
-/// Queue a binary payload, sent byte for byte.
+/// Queue a binary payload, sent byte for byte, with MQTT 5 properties.
 #[pg_extern(name = "mqtt_publish", volatile, parallel_unsafe)]
-fn mqtt_publish_bytea(
+fn mqtt_publish_bytea_properties(
     topic: Option<&str>,
     payload: Option<&[u8]>,
     qos: default!(Option<i32>, 0),
@@ -55,6 +60,31 @@ fn mqtt_publish_bytea(
         broker,
         properties.as_ref().map(|p| p.0.as_str()),
     )
+}
+
+/// The symbol 0.2.0's `mqtt_publish(text, text, integer, boolean, text)` calls; no SQL of
+/// this version declares it (see `mqtt_publish_text_properties`).
+#[pg_extern(sql = false)]
+fn mqtt_publish_text(
+    topic: Option<&str>,
+    payload: Option<&str>,
+    qos: Option<i32>,
+    retain: Option<bool>,
+    broker: Option<&str>,
+) -> i64 {
+    publish(topic, payload.map(str::as_bytes), qos, retain, broker, None)
+}
+
+/// The symbol 0.2.0's `mqtt_publish(text, bytea, integer, boolean, text)` calls.
+#[pg_extern(sql = false)]
+fn mqtt_publish_bytea(
+    topic: Option<&str>,
+    payload: Option<&[u8]>,
+    qos: Option<i32>,
+    retain: Option<bool>,
+    broker: Option<&str>,
+) -> i64 {
+    publish(topic, payload, qos, retain, broker, None)
 }
 
 /// A jsonb argument as its text. pgrx's own `JsonB` parses the text with serde_json and panics
