@@ -189,6 +189,35 @@ impl MessageProperties {
         self.to_json().map(|v| v.to_string())
     }
 
+    /// The JSON text for a `jsonb` column, `None` when empty. jsonb cannot hold NUL
+    /// characters: MQTT forbids them in strings, but a broker may still pass one on, and a
+    /// received message must be storable (else it is never acknowledged and comes back for
+    /// ever), so each becomes U+FFFD, as in a stored topic.
+    pub fn to_jsonb_text(&self) -> Option<String> {
+        let has_nul = |s: &str| s.contains('\0');
+        let dirty = self.content_type.as_deref().is_some_and(has_nul)
+            || self.response_topic.as_deref().is_some_and(has_nul)
+            || self
+                .user_properties
+                .iter()
+                .any(|(k, v)| has_nul(k) || has_nul(v));
+        if !dirty {
+            return self.to_json_text();
+        }
+        let clean = |s: &String| s.replace('\0', "\u{FFFD}");
+        MessageProperties {
+            content_type: self.content_type.as_ref().map(clean),
+            response_topic: self.response_topic.as_ref().map(clean),
+            user_properties: self
+                .user_properties
+                .iter()
+                .map(|(k, v)| (clean(k), clean(v)))
+                .collect(),
+            ..self.clone()
+        }
+        .to_json_text()
+    }
+
     /// Bytes these properties add to a PUBLISH packet (identifiers, length prefixes and the
     /// property-length field included), to check a message against a packet limit before it
     /// reaches the connection.
@@ -402,6 +431,33 @@ mod tests {
                 .unwrap_err()
                 .contains("longer")
         );
+    }
+
+    #[test]
+    fn jsonb_text_has_no_nul() {
+        let p = MessageProperties {
+            content_type: Some("a\0b".into()),
+            response_topic: Some("r\0".into()),
+            user_properties: vec![("k\0".into(), "\0v".into()), ("ok".into(), "fine".into())],
+            correlation_data: Some(vec![0, 0]),
+            ..Default::default()
+        };
+        let text = p.to_jsonb_text().unwrap();
+        assert!(!text.contains("\\u0000"), "{text}");
+        let back = MessageProperties::from_json_text(&text).unwrap();
+        assert_eq!(back.content_type.as_deref(), Some("a\u{FFFD}b"));
+        assert_eq!(
+            back.user_properties[0],
+            ("k\u{FFFD}".into(), "\u{FFFD}v".into())
+        );
+        assert_eq!(back.user_properties[1], ("ok".into(), "fine".into()));
+        assert_eq!(back.correlation_data, Some(vec![0, 0]));
+        let plain = MessageProperties {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        assert_eq!(plain.to_jsonb_text(), plain.to_json_text());
+        assert_eq!(MessageProperties::default().to_jsonb_text(), None);
     }
 
     #[test]

@@ -245,7 +245,7 @@ fn view(m: &InMessage, id: i64) -> exec::Msg<'_> {
         retain: m.retain,
         message_id: m.pkid.map(i32::from),
         at_us: m.received_at_us,
-        properties: m.properties.as_ref().and_then(|p| p.to_json_text()),
+        properties: m.properties.as_ref().and_then(|p| p.to_jsonb_text()),
     }
 }
 
@@ -381,7 +381,7 @@ fn insert_received(
     let at: Vec<i64> = received.iter().map(|(m, _)| m.received_at_us).collect();
     let properties: Vec<Option<String>> = received
         .iter()
-        .map(|(m, _)| m.properties.as_ref().and_then(|p| p.to_json_text()))
+        .map(|(m, _)| m.properties.as_ref().and_then(|p| p.to_jsonb_text()))
         .collect();
     // RETURNING gives the rows in the order inserted, which is unnest's.
     let result = client.update(
@@ -435,7 +435,7 @@ fn dead_letter_received(client: &mut SpiClient<'_>, schema: &str, m: &InMessage,
             (m.qos as i16).into(),
             m.retain.into(),
             error.into(),
-            m.properties.as_ref().and_then(|p| p.to_json_text()).into(),
+            m.properties.as_ref().and_then(|p| p.to_jsonb_text()).into(),
         ],
     );
     if let Err(e) = result {
