@@ -293,6 +293,57 @@ def test_requeued_received_dead_letter_keeps_properties(conn, make_broker, topic
                         (new_id,)).fetchone()[0] == {"correlation_data": "beef"}
 
 
+def test_handler_sees_properties_of_a_requeued_received_message(conn, make_broker, topic, plain_role):
+    """Handlers take the history row, properties included: a received dead letter requeued is
+    routed as a new arrival is (the same statement builds the row), so this runs without the
+    engine's MQTT 5 path. Routing runs as the subscription's role, never a superuser."""
+    b = make_broker(start=False)
+    ns = unique("mq5")
+    conn.execute(f'CREATE SCHEMA {ns} AUTHORIZATION "{plain_role}"')
+    conn.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_subscribe) VALUES (%s, '#', true)",
+                 (plain_role,))
+    try:
+        conn.execute(f'SET ROLE "{plain_role}"')
+        try:
+            conn.execute(f"CREATE TABLE {ns}.seen (correlation text, users jsonb)")
+            conn.execute(f"CREATE FUNCTION {ns}.h(msg mqtt_message_history) RETURNS void LANGUAGE sql AS $$ "
+                         f"INSERT INTO {ns}.seen VALUES (msg.properties->>'correlation_data', "
+                         f"msg.properties->'user_properties') $$")
+            conn.execute("SELECT mqtt_subscribe(%s, 1, %s, %s::regprocedure)",
+                         (f"{topic}/in/#", b.name, f"{ns}.h(mqtt_message_history)"))
+        finally:
+            conn.execute("RESET ROLE")
+        dead_id = conn.execute(
+            "INSERT INTO mqtt_dead_letter (broker_id, topic, payload, qos, direction, error, properties) "
+            "VALUES (%s, %s, 'r', 1, 'receive', 'test', %s) RETURNING id",
+            (b.id, f"{topic}/in/x", json.dumps({"correlation_data": "c0ffee", "user_properties": [["device", "d1"]]}))
+        ).fetchone()[0]
+        conn.execute("SELECT mqtt_requeue_dead_letter(%s)", (dead_id,))
+        assert conn.execute(f"SELECT * FROM {ns}.seen").fetchall() == [("c0ffee", [["device", "d1"]])]
+    finally:
+        conn.execute("DELETE FROM mqtt_topic WHERE broker_id = %s", (b.id,))
+        conn.execute(f"DROP SCHEMA {ns} CASCADE")
+
+
+def test_unusable_mqtt5_settings_show_in_status(conn, make_broker):
+    """The table's CHECKs keep the columns in range; should a DBA drop one, the worker refuses
+    the row with a status error naming the column instead of guessing."""
+    b = make_broker(start=False)
+    conn.execute("ALTER TABLE mqtt_broker DROP CONSTRAINT mqtt_broker_protocol_version_check")
+    try:
+        conn.execute("UPDATE mqtt_broker SET protocol_version = '4' WHERE id = %s", (b.id,))
+        conn.execute("SELECT mqtt_start_listener(%s)", (b.name,))
+        status = wait_for(lambda: (s := conn.execute("SELECT mqtt_status(%s)", (b.name,)).fetchone()[0])
+                          .get("last_error") and s, message="the broker's status error")
+        assert 'invalid protocol_version "4"' in status["last_error"], status
+        assert status["status"] != "connected"
+    finally:
+        conn.execute("SELECT mqtt_stop_listener(%s)", (b.name,))
+        conn.execute("DELETE FROM mqtt_broker WHERE id = %s", (b.id,))
+        conn.execute("ALTER TABLE mqtt_broker ADD CONSTRAINT mqtt_broker_protocol_version_check "
+                     "CHECK (protocol_version IN ('3.1.1', '5'))")
+
+
 # --------------------------------------------------------------------------------------------
 # mqtt_wait_for_reply
 
@@ -481,8 +532,9 @@ def plain_role(pg):
         admin.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER')
     yield role
     with pg.connect("mqtt_e2e") as admin:
+        admin.execute("DELETE FROM mqtt_topic WHERE owner_role = %s", (role,))
         admin.execute("DELETE FROM mqtt_access_control WHERE role_name = %s", (role,))
-        admin.execute(f'DROP OWNED BY "{role}"')  # its grants, here
+        admin.execute(f'DROP OWNED BY "{role}" CASCADE')  # its grants and objects, here
     with pg.connect() as admin:
         admin.execute(f'DROP ROLE "{role}"')
 
