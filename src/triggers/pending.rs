@@ -198,7 +198,12 @@ fn write(full: bool) -> bool {
     let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
     let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
     let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
-    let properties: Vec<Option<&str>> = rows.iter().map(|r| r.properties.as_deref()).collect();
+    // Properties are rare: a statement without them keeps the six-array INSERT, so the
+    // common bulk publish does not pay for a seventh array of NULLs and its cast.
+    let properties: Option<Vec<Option<&str>>> = rows
+        .iter()
+        .any(|r| r.properties.is_some())
+        .then(|| rows.iter().map(|r| r.properties.as_deref()).collect());
     // At commit, after COPY, or in a portal's clean-up there is no active snapshot, which SPI
     // needs; the transaction's own serves (a transaction abort pops it if the INSERT fails).
     // SAFETY: snapshot stack calls inside a transaction, balanced below.
@@ -212,50 +217,57 @@ fn write(full: bool) -> bool {
     security::as_extension_owner(|| {
         Spi::connect_mut(|client| {
             let arg = PgOid::BuiltIn;
-            let types = [
+            let mut types = vec![
                 arg(PgBuiltInOids::INT8ARRAYOID),
                 arg(PgBuiltInOids::INT4ARRAYOID),
                 arg(PgBuiltInOids::TEXTARRAYOID),
                 arg(PgBuiltInOids::BYTEAARRAYOID),
                 arg(PgBuiltInOids::INT2ARRAYOID),
                 arg(PgBuiltInOids::BOOLARRAYOID),
-                arg(PgBuiltInOids::TEXTARRAYOID),
             ];
+            let mut args = vec![
+                ids.into(),
+                broker.into(),
+                topic.into(),
+                payload.into(),
+                qos.into(),
+                retain.into(),
+            ];
+            let with_properties = properties.is_some();
+            if let Some(properties) = properties {
+                types.push(arg(PgBuiltInOids::TEXTARRAYOID));
+                args.push(properties.into());
+            }
             let schema = &installed.schema;
             let sql = || {
-                format!(
-                    "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain, properties) \
-                     SELECT i, b, t, p, q, r, j::pg_catalog.jsonb \
-                     FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
-                       pg_catalog.unnest($3), pg_catalog.unnest($4), \
-                       pg_catalog.unnest($5), pg_catalog.unnest($6), \
-                       pg_catalog.unnest($7)) AS x(i, b, t, p, q, r, j)"
-                )
+                if with_properties {
+                    format!(
+                        "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain, properties) \
+                         SELECT i, b, t, p, q, r, j::pg_catalog.jsonb \
+                         FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
+                           pg_catalog.unnest($3), pg_catalog.unnest($4), \
+                           pg_catalog.unnest($5), pg_catalog.unnest($6), \
+                           pg_catalog.unnest($7)) AS x(i, b, t, p, q, r, j)"
+                    )
+                } else {
+                    format!(
+                        "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain) \
+                         SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
+                           pg_catalog.unnest($3), pg_catalog.unnest($4), \
+                           pg_catalog.unnest($5), pg_catalog.unnest($6))"
+                    )
+                }
             };
-            plans::with_plan(
-                client,
-                installed.oid,
-                "outbox_insert",
-                &types,
-                sql,
-                |client, stmt| {
-                    if let Err(e) = client.update(
-                        stmt,
-                        None,
-                        &[
-                            ids.into(),
-                            broker.into(),
-                            topic.into(),
-                            payload.into(),
-                            qos.into(),
-                            retain.into(),
-                            properties.into(),
-                        ],
-                    ) {
-                        error!("mqtt_pg could not queue messages in mqtt_outbox: {e}");
-                    }
-                },
-            )
+            let key = if with_properties {
+                "outbox_insert_properties"
+            } else {
+                "outbox_insert"
+            };
+            plans::with_plan(client, installed.oid, key, &types, sql, |client, stmt| {
+                if let Err(e) = client.update(stmt, None, &args) {
+                    error!("mqtt_pg could not queue messages in mqtt_outbox: {e}");
+                }
+            })
         })
     });
     if pushed {
