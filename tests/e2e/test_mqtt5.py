@@ -524,6 +524,35 @@ def test_wait_for_reply_uses_the_correlation_index(conn, make_broker, topic):
     conn.execute("DELETE FROM mqtt_message_history WHERE broker_id = %s", (b.id,))
 
 
+def test_version_gate_and_the_five_argument_symbols(pg, scratch_db):
+    """Until ALTER EXTENSION UPDATE, the SQL of an older version calls into this library: its
+    mqtt_publish(text, text, integer, boolean, text) points at the five-argument symbols, which
+    must still take five arguments, and every new function refuses with 55000 while the SQL
+    objects are of another version."""
+    db = scratch_db("gate")
+    with pg.connect(db) as c:
+        c.execute("CREATE EXTENSION mqtt_pg")
+        c.execute("INSERT INTO mqtt_broker (name, host, port, protocol_version) VALUES ('b', '127.0.0.1', 1, '5')")
+        for kind in ("text", "bytea"):
+            c.execute(f"CREATE FUNCTION old_publish_{kind}(text, {kind}, integer, boolean, text) RETURNS bigint "
+                      f"LANGUAGE c AS '$libdir/mqtt_pg', 'mqtt_publish_{kind}_wrapper'")
+        assert c.execute("SELECT old_publish_text('a/b', 'x', 1, false, 'b')").fetchone()[0] > 0
+        assert c.execute("SELECT old_publish_bytea('a/b', '\\x00'::bytea, 1, false, 'b')").fetchone()[0] > 0
+        assert c.execute("SELECT count(*), count(properties) FROM mqtt_outbox").fetchone() == (2, 0)
+        version = c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0]
+        c.execute("UPDATE pg_extension SET extversion = '0.0.1' WHERE extname = 'mqtt_pg'")
+        try:
+            # a new session, as after the restart that loads a new library
+            with pg.connect(db) as fresh:
+                for query in ("SELECT old_publish_text('a/b', 'x', 1, false, 'b')",
+                              "SELECT mqtt_publish('a/b', 'x', 1, false, 'b', '{\"content_type\": \"a\"}')",
+                              "SELECT mqtt_wait_for_reply('\\x01'::bytea, '1 second')"):
+                    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="is at version 0.0.1"):
+                        fresh.execute(query)
+        finally:
+            c.execute("UPDATE pg_extension SET extversion = %s WHERE extname = 'mqtt_pg'", (version,))
+
+
 @pytest.fixture
 def plain_role(pg):
     """A login role that is not a superuser and holds no privilege on mqtt_pg's tables."""
