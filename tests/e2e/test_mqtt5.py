@@ -658,43 +658,63 @@ def require_v5_on_the_wire(conn, mosq, b):
                     "(the engine's MQTT 5 path is not merged yet)")
 
 
-def v5_client(port):
+def v5_client(port, on_message=None, subscribe: str | None = None):
+    """A paho MQTT 5 client, connected (and subscribed to `subscribe`, SUBACK received)."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=unique("v5"), protocol=mqtt.MQTTv5)
+    connected, subscribed = threading.Event(), threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    c.on_subscribe = lambda *a: subscribed.set()
+    if on_message:
+        c.on_message = on_message
     c.connect(HOST, port)
     c.loop_start()
+    assert connected.wait(10), "paho MQTT 5 client did not connect"
+    if subscribe:
+        c.subscribe(subscribe, qos=1)
+        assert subscribed.wait(10), f"paho MQTT 5 client did not subscribe to {subscribe}"
     return c
 
 
-def test_handler_sees_received_properties(conn, make_broker, mosq, topic):
+def test_handler_sees_received_properties(conn, make_broker, mosq, topic, plain_role):
     b = make_broker(protocol_version="5")
     require_v5_on_the_wire(conn, mosq, b)
-    table = unique("seen")
-    conn.execute(f"CREATE TABLE {table} (correlation text, users jsonb, content_type text)")
-    conn.execute(f"CREATE FUNCTION {table}_h(msg mqtt_message_history) RETURNS void LANGUAGE sql AS $$ "
-                 f"INSERT INTO {table} VALUES (msg.properties->>'correlation_data', msg.properties->'user_properties', "
-                 f"msg.properties->>'content_type') $$")
+    ns = unique("mq5")
+    conn.execute(f'CREATE SCHEMA {ns} AUTHORIZATION "{plain_role}"')
+    conn.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_subscribe) VALUES (%s, '#', true)",
+                 (plain_role,))
     try:
-        conn.execute("SELECT mqtt_subscribe(%s, 1, %s, %s)", (f"{topic}/in/#", b.name, f"{table}_h(mqtt_message_history)"))
+        conn.execute(f'SET ROLE "{plain_role}"')
+        try:
+            conn.execute(f"CREATE TABLE {ns}.seen (correlation text, users jsonb, content_type text)")
+            conn.execute(f"CREATE FUNCTION {ns}.h(msg mqtt_message_history) RETURNS void LANGUAGE sql AS $$ "
+                         f"INSERT INTO {ns}.seen VALUES (msg.properties->>'correlation_data', "
+                         f"msg.properties->'user_properties', msg.properties->>'content_type') $$")
+            conn.execute("SELECT mqtt_subscribe(%s, 1, %s, %s::regprocedure)",
+                         (f"{topic}/in/#", b.name, f"{ns}.h(mqtt_message_history)"))
+        finally:
+            conn.execute("RESET ROLE")
+        mosq.wait_subscribed(b.client_id, f"{topic}/in/#")
         c = v5_client(mosq.port)
         try:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = b"\x01\x02req"
             props.UserProperty = [("device", "d1"), ("device", "d2")]
             props.ContentType = "text/plain"
-
-            def seen():
-                c.publish(f"{topic}/in/x", b"hello", qos=1, properties=props).wait_for_publish(5)
-                return conn.execute(f"SELECT * FROM {table}").fetchone()
-
-            row = wait_for(seen, timeout=20, message="the handler's row")
+            c.publish(f"{topic}/in/x", b"hello", qos=1, properties=props).wait_for_publish(5)
+            row = wait_for(lambda: conn.execute(f"SELECT * FROM {ns}.seen").fetchone(), timeout=20,
+                           message="the handler's row")
         finally:
             c.loop_stop()
             c.disconnect()
         assert row == (b"\x01\x02req".hex(), [["device", "d1"], ["device", "d2"]], "text/plain")
+        [stored] = wait_history(conn, f"{topic}/in/x", 1, direction="receive")
+        assert conn.execute("SELECT properties FROM mqtt_message_history WHERE id = %s",
+                            (stored["id"],)).fetchone()[0] == {
+            "content_type": "text/plain", "correlation_data": b"\x01\x02req".hex(),
+            "user_properties": [["device", "d1"], ["device", "d2"]]}
     finally:
-        conn.execute(f"SELECT mqtt_unsubscribe(%s, %s)", (f"{topic}/in/#", b.name))
-        conn.execute(f"DROP FUNCTION {table}_h(mqtt_message_history)")
-        conn.execute(f"DROP TABLE {table}")
+        conn.execute("DELETE FROM mqtt_topic WHERE broker_id = %s", (b.id,))
+        conn.execute(f"DROP SCHEMA {ns} CASCADE")
 
 
 def test_request_response_round_trip(pg, conn, make_broker, mosq, topic):
@@ -703,15 +723,14 @@ def test_request_response_round_trip(pg, conn, make_broker, mosq, topic):
     b = make_broker(protocol_version="5")
     require_v5_on_the_wire(conn, mosq, b)
     conn.execute("SELECT mqtt_subscribe(%s, 1, %s)", (f"{topic}/replies/#", b.name))
-    responder = v5_client(mosq.port)
+    mosq.wait_subscribed(b.client_id, f"{topic}/replies/#")
 
     def answer(client, userdata, msg):
         p = Properties(PacketTypes.PUBLISH)
         p.CorrelationData = msg.properties.CorrelationData
         client.publish(msg.properties.ResponseTopic, b"pong:" + msg.payload, qos=1, properties=p)
 
-    responder.on_message = answer
-    responder.subscribe(f"{topic}/requests", qos=1)
+    responder = v5_client(mosq.port, on_message=answer, subscribe=f"{topic}/requests")
     try:
         corr = unique("rr").encode()
         odoo = odoo_cursor(pg)
