@@ -62,7 +62,8 @@ impl MessageProperties {
         };
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!(
-                "unknown property \"{k}\"; the properties are {}",
+                "unknown property {}; the properties are {}",
+                shown(k),
                 KEYS.join(", ")
             ));
         }
@@ -76,7 +77,8 @@ impl MessageProperties {
             Some("utf8") => Some(PayloadFormat::Utf8),
             Some(other) => {
                 return Err(format!(
-                    "payload_format must be \"bytes\" or \"utf8\", not {other:?}"
+                    "payload_format must be \"bytes\" or \"utf8\", not {}",
+                    shown(other)
                 ))
             }
         };
@@ -266,6 +268,17 @@ fn varint_len(n: usize) -> usize {
     }
 }
 
+/// A caller's string quoted for an error message: escaped (a newline in it cannot start a
+/// forged log line) and cut short (a megabyte of key is not worth logging).
+fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    let mut out: String = s.chars().take(MAX).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -306,7 +319,8 @@ fn user_property(v: &Value) -> Result<(String, String), String> {
         Value::Array(a) if a.len() == 2 => a,
         _ => {
             return Err(format!(
-                "each user property must be a [name, value] pair of strings, not {v}"
+                "each user property must be a [name, value] pair of strings, not {}",
+                shown(&v.to_string())
             ))
         }
     };
@@ -317,7 +331,8 @@ fn user_property(v: &Value) -> Result<(String, String), String> {
             Ok((k.clone(), v.clone()))
         }
         _ => Err(format!(
-            "each user property must be a [name, value] pair of strings, not {v}"
+            "each user property must be a [name, value] pair of strings, not {}",
+            shown(&v.to_string())
         )),
     }
 }
@@ -458,6 +473,21 @@ mod tests {
         };
         assert_eq!(plain.to_jsonb_text(), plain.to_json_text());
         assert_eq!(MessageProperties::default().to_jsonb_text(), None);
+    }
+
+    #[test]
+    fn errors_quote_input_safely() {
+        let forged = format!("x\n2026-12-08 LOG:  forged{}", "y".repeat(10_000));
+        for v in [
+            json!({ forged.clone(): 1 }),
+            json!({ "payload_format": forged.clone() }),
+            json!({ "user_properties": [[forged.clone()]] }),
+            json!({ "user_properties": [[forged.clone(), 1]] }),
+        ] {
+            let e = MessageProperties::from_json(&v).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(e.len() < 400, "{} bytes", e.len());
+        }
     }
 
     #[test]

@@ -629,6 +629,13 @@ def test_hostile_role(pg, conn, make_broker, topic, plain_role):
                       {"correlation_data": "ab" * 65536}):
             with pytest.raises(psycopg.errors.InvalidParameterValue):
                 c.execute("SELECT mqtt_publish(%s, 'x', 0, false, %s, %s)", (f"{topic}/huge", b.name, json.dumps(props)))
+        # what it writes into an error (and so the server log) is escaped and cut short
+        forged = "k\n2026-12-08 00:00:00.000 UTC [1] LOG:  forged" + "z" * 100000
+        for props in ({forged: 1}, {"payload_format": forged}, {"user_properties": [[forged]]}):
+            with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+                c.execute("SELECT mqtt_publish(%s, 'x', 0, false, %s, %s)", (f"{topic}/huge", b.name, json.dumps(props)))
+            message = e.value.diag.message_primary
+            assert "\n" not in message and len(message) < 400, message[:200]
         # no rule for other topics: properties change nothing about that
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT mqtt_publish('elsewhere/x', 'x', 0, false, %s, '{}')", (b.name,))
