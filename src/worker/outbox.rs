@@ -139,7 +139,19 @@ pub fn fetch(
                     }
                 }
                 if !dead.is_empty() {
-                    dead_letter(client, schema, &dead);
+                    // In a subtransaction: a trigger someone put on mqtt_dead_letter must not
+                    // take the send transaction (and the worker) down with it. The rows are
+                    // then left where they are, unsent, and not counted as read, so the next
+                    // fetch tries again.
+                    if let Err(f) = super::subxact::run(|| dead_letter(client, schema, &dead)) {
+                        let first = dead.iter().map(|d| d.0).min().unwrap_or(floor + 1);
+                        consumed = consumed.min(first - 1);
+                        warning!(
+                            "mqtt_pg could not move {} expired or unreadable messages from mqtt_outbox to mqtt_dead_letter: {}",
+                            dead.len(),
+                            f.message
+                        );
+                    }
                 }
                 (messages, consumed)
             },

@@ -282,6 +282,35 @@ def test_expired_rows_are_dead_lettered_others_sent_with_their_properties(conn, 
                         (rows[-1]["id"],)).fetchone()[0] == {"message_expiry": 60}
 
 
+def test_expired_row_waits_while_dead_letters_are_refused(pg, conn, broker, mosq, topic):
+    """A trigger on mqtt_dead_letter that refuses the expired row: the worker carries on (no
+    crash, nothing sent), and once the trigger is gone the row is dead-lettered after all."""
+    t = f"{topic}/refused"
+    fn = unique("refuse")
+    conn.execute(f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                 f"IF NEW.topic = '{t}' THEN RAISE EXCEPTION 'no dead letters for {t}'; END IF; RETURN NEW; END $$")
+    conn.execute(f"CREATE TRIGGER {fn} BEFORE INSERT ON mqtt_dead_letter FOR EACH ROW EXECUTE FUNCTION {fn}()")
+    workers = pg.worker_pids("mqtt_e2e")
+    try:
+        with mqtt_sub(mosq.port, t, qos=1) as sub:
+            with conn.transaction():
+                row = insert_outbox(conn, broker.id, t, "expired", json.dumps({"message_expiry": 1}), 30)
+                conn.execute("SELECT _mqtt_pg_wake(1)")
+            wait_for(lambda: "could not move 1 expired or unreadable messages" in pg.log_text()
+                     and f"no dead letters for {t}" in pg.log_text(), message="the worker's warning")
+            assert pg.worker_pids("mqtt_e2e") == workers
+            assert queued(conn, t) == 1
+            conn.execute(f"DROP TRIGGER {fn} ON mqtt_dead_letter")
+            conn.execute("SELECT _mqtt_pg_wake(1)")
+            wait_for(lambda: queued(conn, t) == 0, message="the expired row dead-lettered once allowed")
+            assert sub.messages == []
+        assert conn.execute("SELECT count(*) FROM mqtt_dead_letter WHERE topic = %s", (t,)).fetchone()[0] == 1
+        assert row
+    finally:
+        conn.execute(f"DROP TRIGGER IF EXISTS {fn} ON mqtt_dead_letter")
+        conn.execute(f"DROP FUNCTION {fn}()")
+
+
 def test_requeued_received_dead_letter_keeps_properties(conn, make_broker, topic):
     b = make_broker(start=False)
     dead_id = conn.execute(
