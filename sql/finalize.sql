@@ -1,8 +1,12 @@
 -- Objects that need the Rust functions to exist first.
 
 -- API: Public
+-- Columns named, not h.*: a column added to the table later goes after payload_text, where
+-- an update script's CREATE OR REPLACE VIEW can add it while views built on this one (an
+-- Odoo addon's) stay, so installed and updated databases have the same view.
 CREATE VIEW @extschema@.mqtt_message_history_text AS
-SELECT h.*, @extschema@.mqtt_payload_text(h.payload) AS payload_text
+SELECT h.id, h.broker_id, h.topic, h.payload, h.qos, h.retain, h.direction, h.message_id,
+       h."timestamp", @extschema@.mqtt_payload_text(h.payload) AS payload_text, h.properties
 FROM @extschema@.mqtt_message_history h;
 COMMENT ON VIEW @extschema@.mqtt_message_history_text IS
   'mqtt_message_history plus payload_text: the payload as text when it is valid UTF-8, else NULL.';
