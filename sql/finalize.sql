@@ -1,8 +1,12 @@
 -- Objects that need the Rust functions to exist first.
 
 -- API: Public
+-- Columns named, not h.*: a column added to the table later goes after payload_text, where
+-- an update script's CREATE OR REPLACE VIEW can add it while views built on this one (an
+-- Odoo addon's) stay, so installed and updated databases have the same view.
 CREATE VIEW @extschema@.mqtt_message_history_text AS
-SELECT h.*, @extschema@.mqtt_payload_text(h.payload) AS payload_text
+SELECT h.id, h.broker_id, h.topic, h.payload, h.qos, h.retain, h.direction, h.message_id,
+       h."timestamp", @extschema@.mqtt_payload_text(h.payload) AS payload_text, h.properties
 FROM @extschema@.mqtt_message_history h;
 COMMENT ON VIEW @extschema@.mqtt_message_history_text IS
   'mqtt_message_history plus payload_text: the payload as text when it is valid UTF-8, else NULL.';
@@ -40,10 +44,11 @@ COMMENT ON VIEW @extschema@.mqtt_broker_status IS
 
 -- API: Public. jsonb payloads are sent as jsonb's own text form.
 CREATE FUNCTION @extschema@.mqtt_publish(topic text, payload jsonb, qos integer DEFAULT 0,
-                                         retain boolean DEFAULT false, broker text DEFAULT NULL)
+                                         retain boolean DEFAULT false, broker text DEFAULT NULL,
+                                         properties jsonb DEFAULT NULL)
 RETURNS bigint LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT @extschema@.mqtt_publish(topic, payload::text, qos, retain, broker) $$;
+AS $$ SELECT @extschema@.mqtt_publish(topic, payload::text, qos, retain, broker, properties) $$;
 
 -- API: Public. handler and target_table go to Rust as oids: the regprocedure/regclass input
 -- has resolved them with the caller's search_path.
@@ -155,13 +160,14 @@ BEGIN
                   HINT = 'Publish its payload again with mqtt_publish(..., broker => ...), or delete it.';
     END IF;
     IF d.direction OPERATOR(pg_catalog.=) 'send' THEN
-        INSERT INTO @extschema@.mqtt_outbox (broker_id, topic, payload, qos, retain)
-        VALUES (d.broker_id, d.topic, d.payload, d.qos, d.retain) RETURNING id INTO new_id;
+        -- A message_expiry starts again from now: requeueing is asking for it to be sent.
+        INSERT INTO @extschema@.mqtt_outbox (broker_id, topic, payload, qos, retain, properties)
+        VALUES (d.broker_id, d.topic, d.payload, d.qos, d.retain, d.properties) RETURNING id INTO new_id;
         PERFORM @extschema@._mqtt_pg_wake(1);
     ELSE
         INSERT INTO @extschema@.mqtt_message_history
-            (broker_id, topic, payload, qos, retain, direction, "timestamp")
-        VALUES (d.broker_id, d.topic, d.payload, d.qos, d.retain, 'receive', d."timestamp")
+            (broker_id, topic, payload, qos, retain, direction, "timestamp", properties)
+        VALUES (d.broker_id, d.topic, d.payload, d.qos, d.retain, 'receive', d."timestamp", d.properties)
         RETURNING id INTO new_id;
         -- Routed as if it had just arrived; an error here undoes the requeue.
         PERFORM @extschema@._mqtt_route_requeued(new_id);
@@ -342,12 +348,25 @@ CREATE TRIGGER mqtt_topic_changed
 AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON @extschema@.mqtt_topic
 FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._mqtt_pg_config_changed();
 
-COMMENT ON FUNCTION @extschema@.mqtt_publish(text, text, integer, boolean, text) IS
-  'Queue an MQTT message (UTF-8 text payload); sent only if the transaction commits, at once when it does. Returns the mqtt_outbox id.';
-COMMENT ON FUNCTION @extschema@.mqtt_publish(text, bytea, integer, boolean, text) IS
-  'Queue an MQTT message (binary payload, sent byte for byte); sent only if the transaction commits. Returns the mqtt_outbox id.';
-COMMENT ON FUNCTION @extschema@.mqtt_publish(text, jsonb, integer, boolean, text) IS
-  'Queue an MQTT message (JSON payload); sent only if the transaction commits. Returns the mqtt_outbox id.';
+COMMENT ON FUNCTION @extschema@.mqtt_publish(text, text, integer, boolean, text, jsonb) IS
+  'Queue an MQTT message (UTF-8 text payload), with MQTT 5 properties (a broker with protocol_version 5); sent only if the transaction commits, at once when it does. Returns the mqtt_outbox id.';
+COMMENT ON FUNCTION @extschema@.mqtt_publish(text, bytea, integer, boolean, text, jsonb) IS
+  'Queue an MQTT message (binary payload, sent byte for byte), with MQTT 5 properties; sent only if the transaction commits. Returns the mqtt_outbox id.';
+COMMENT ON FUNCTION @extschema@.mqtt_publish(text, jsonb, integer, boolean, text, jsonb) IS
+  'Queue an MQTT message (JSON payload), with MQTT 5 properties; sent only if the transaction commits. Returns the mqtt_outbox id.';
+
+-- API: Public (src/api/reply.rs). A C-language declaration because it returns a history row
+-- read with a snapshot newer than the caller's (see there), which must leave the function as
+-- the row it is. SECURITY INVOKER: the lookup needs the caller's SELECT on
+-- mqtt_message_history and obeys its row-level security. Not STRICT: NULL arguments are
+-- errors (22023), not a NULL that looks like a timeout.
+CREATE FUNCTION @extschema@.mqtt_wait_for_reply(correlation_data bytea,
+                                                timeout interval DEFAULT '10 seconds')
+RETURNS @extschema@.mqtt_message_history
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_wait_for_reply';
+COMMENT ON FUNCTION @extschema@.mqtt_wait_for_reply(bytea, interval) IS
+  'Wait until a received message whose MQTT 5 correlation_data is this one is in mqtt_message_history (committed at any time, also after this transaction started) and return the newest such row; NULL after timeout.';
 COMMENT ON FUNCTION @extschema@.mqtt_start_listener(text) IS
   'Mark a broker active so the worker connects (idempotent); returns the MQTT client id.';
 COMMENT ON FUNCTION @extschema@.mqtt_stop_listener(text) IS

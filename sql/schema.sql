@@ -51,7 +51,13 @@ CREATE TABLE @extschema@.mqtt_broker (
     is_default       boolean NOT NULL DEFAULT false,
     active           boolean NOT NULL DEFAULT false,
     create_date      timestamptz NOT NULL DEFAULT now(),
-    write_date       timestamptz NOT NULL DEFAULT now()
+    write_date       timestamptz NOT NULL DEFAULT now(),
+    -- MQTT 5 (last, where ALTER TABLE ... ADD COLUMN puts them on an upgraded database).
+    protocol_version text NOT NULL DEFAULT '3.1.1' CHECK (protocol_version IN ('3.1.1', '5')),
+    -- MQTT allows 0 .. 4294967295 seconds; integer holds up to 2147483647 (68 years), which
+    -- is as good as "never expires" for any broker.
+    session_expiry   integer CHECK (session_expiry BETWEEN 0 AND 2147483647),
+    receive_maximum  integer CHECK (receive_maximum BETWEEN 1 AND 65535)
 );
 -- At most one default broker.
 CREATE UNIQUE INDEX mqtt_broker_one_default ON @extschema@.mqtt_broker (is_default) WHERE is_default;
@@ -82,6 +88,9 @@ COMMENT ON COLUMN @extschema@.mqtt_broker.reconnect_min_ms IS 'First reconnect d
 COMMENT ON COLUMN @extschema@.mqtt_broker.reconnect_max_ms IS 'Longest reconnect delay, ms.';
 COMMENT ON COLUMN @extschema@.mqtt_broker.is_default IS 'The broker used when a function gets broker => NULL (at most one).';
 COMMENT ON COLUMN @extschema@.mqtt_broker.active IS 'The worker should keep a connection to this broker.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.protocol_version IS 'MQTT protocol version: ''3.1.1'' (default) or ''5''. Message properties (mqtt_publish(..., properties)) need ''5''.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.session_expiry IS 'MQTT 5 Session Expiry Interval, seconds, 0 to 2147483647 (MQTT allows up to 4294967295, which integer cannot hold). NULL: as on 3.1.1, the session lasts as long as the broker keeps it unless clean_session; 0: it ends with the connection.';
+COMMENT ON COLUMN @extschema@.mqtt_broker.receive_maximum IS 'MQTT 5 Receive Maximum the listener announces: unacknowledged QoS 1 and 2 messages the broker may send at once, 1 to 65535 (NULL: the protocol default, 65535).';
 
 -- API: Public
 CREATE TABLE @extschema@.mqtt_topic (
@@ -150,15 +159,24 @@ CREATE TABLE @extschema@.mqtt_message_history (
     direction   text NOT NULL CHECK (direction IN ('receive', 'send')),
     message_id  integer,
     "timestamp" timestamptz NOT NULL DEFAULT now(),
+    -- MQTT 5 properties (see mqtt_publish), NULL when the message had none.
+    properties  jsonb CHECK (jsonb_typeof(properties) = 'object'),
     PRIMARY KEY (id, "timestamp")
 ) PARTITION BY RANGE ("timestamp");
 -- No foreign key and one cheap BRIN index: this table takes the ingest rate.
 CREATE INDEX mqtt_message_history_timestamp ON @extschema@.mqtt_message_history USING brin ("timestamp");
 CREATE TABLE @extschema@.mqtt_message_history_default PARTITION OF @extschema@.mqtt_message_history DEFAULT;
+-- mqtt_wait_for_reply looks replies up by correlation data. Partial: only received messages
+-- that carry correlation data have an entry, so ingest of everything else pays only for the
+-- predicate. Made on the parent, so every partition (those the worker makes too) gets it.
+CREATE INDEX mqtt_message_history_correlation ON @extschema@.mqtt_message_history
+    ((properties OPERATOR(pg_catalog.->>) 'correlation_data'))
+    WHERE direction OPERATOR(pg_catalog.=) 'receive' AND properties OPERATOR(pg_catalog.?) 'correlation_data';
 COMMENT ON TABLE @extschema@.mqtt_message_history IS
   'Every message received (direction receive) and delivered (direction send). payload holds the exact bytes; see view mqtt_message_history_text for a text form. Partitioned by day; mqtt_pg.history_retention drops old days.';
 COMMENT ON COLUMN @extschema@.mqtt_message_history.message_id IS 'MQTT packet id; NULL for QoS 0.';
 COMMENT ON COLUMN @extschema@.mqtt_message_history."timestamp" IS 'When the worker read the message (receive) or recorded its delivery (send).';
+COMMENT ON COLUMN @extschema@.mqtt_message_history.properties IS 'MQTT 5 properties as JSON (content_type, payload_format, message_expiry, response_topic, correlation_data as hex, user_properties as [name, value] pairs); NULL when none. Sent messages keep what mqtt_publish was given.';
 COMMENT ON TABLE @extschema@.mqtt_message_history_default IS
   'Rows of mqtt_message_history that no daily partition covers; emptied by retention once all of them are older than mqtt_pg.history_retention.';
 
@@ -174,11 +192,15 @@ CREATE TABLE @extschema@.mqtt_outbox (
     payload    bytea NOT NULL,
     qos        smallint NOT NULL CHECK (qos BETWEEN 0 AND 2),
     retain     boolean NOT NULL DEFAULT false,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- MQTT 5 properties, normalized by mqtt_publish; NULL when none. message_expiry counts
+    -- from created_at: the worker sends what is left of it, or dead-letters the row.
+    properties jsonb CHECK (jsonb_typeof(properties) = 'object')
 );
 CREATE INDEX mqtt_outbox_broker ON @extschema@.mqtt_outbox (broker_id, id);
 COMMENT ON TABLE @extschema@.mqtt_outbox IS
   'Committed messages waiting for delivery (the durable copy). A row leaves when the broker has it, and moves to mqtt_message_history with direction send.';
+COMMENT ON COLUMN @extschema@.mqtt_outbox.properties IS 'MQTT 5 properties (see mqtt_publish); NULL when none. A message_expiry that runs out before the row is sent moves it to mqtt_dead_letter.';
 
 -- API: Public
 CREATE TABLE @extschema@.mqtt_dead_letter (
@@ -190,12 +212,14 @@ CREATE TABLE @extschema@.mqtt_dead_letter (
     retain      boolean NOT NULL DEFAULT false,
     direction   text NOT NULL CHECK (direction IN ('receive', 'send')),
     error       text NOT NULL,
-    "timestamp" timestamptz NOT NULL DEFAULT now()
+    "timestamp" timestamptz NOT NULL DEFAULT now(),
+    properties  jsonb CHECK (jsonb_typeof(properties) = 'object')
 );
 CREATE INDEX mqtt_dead_letter_broker ON @extschema@.mqtt_dead_letter (broker_id, id);
 CREATE INDEX mqtt_dead_letter_timestamp ON @extschema@.mqtt_dead_letter ("timestamp");
 COMMENT ON TABLE @extschema@.mqtt_dead_letter IS
   'Messages that could not be delivered or stored, with the reason.';
+COMMENT ON COLUMN @extschema@.mqtt_dead_letter.properties IS 'The message''s MQTT 5 properties, as in mqtt_outbox and mqtt_message_history; NULL when none.';
 
 -- API: Private. Changes to brokers and topics wake the worker at commit, so edits made directly
 -- (as an Odoo model does) apply at once; the worker also re-reads them every mqtt_pg.poll_interval.

@@ -62,7 +62,8 @@ impl MessageProperties {
         };
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!(
-                "unknown property \"{k}\"; the properties are {}",
+                "unknown property {}; the properties are {}",
+                shown(k),
                 KEYS.join(", ")
             ));
         }
@@ -76,7 +77,8 @@ impl MessageProperties {
             Some("utf8") => Some(PayloadFormat::Utf8),
             Some(other) => {
                 return Err(format!(
-                    "payload_format must be \"bytes\" or \"utf8\", not {other:?}"
+                    "payload_format must be \"bytes\" or \"utf8\", not {}",
+                    shown(other)
                 ))
             }
         };
@@ -102,11 +104,19 @@ impl MessageProperties {
         if let Some(t) = &p.response_topic {
             crate::topic::validate_topic(t).map_err(|e| format!("invalid response_topic: {e}"))?;
         }
-        p.correlation_data = match string(obj, "correlation_data")? {
-            None => None,
-            Some(hex) => Some(from_hex(&hex).ok_or_else(|| {
+        // Not `string`: its limit is on the text, and the hex of the longest correlation data
+        // MQTT allows is twice that long. The decoded length is what is checked.
+        p.correlation_data = match obj.get("correlation_data") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(hex)) => Some(from_hex(hex).ok_or_else(|| {
                 "correlation_data must be a hex string of whole bytes, such as \"0a1b\"".to_string()
             })?),
+            Some(other) => {
+                return Err(format!(
+                    "correlation_data must be a string, not {}",
+                    kind(other)
+                ))
+            }
         };
         if p.correlation_data
             .as_ref()
@@ -181,6 +191,35 @@ impl MessageProperties {
         self.to_json().map(|v| v.to_string())
     }
 
+    /// The JSON text for a `jsonb` column, `None` when empty. jsonb cannot hold NUL
+    /// characters: MQTT forbids them in strings, but a broker may still pass one on, and a
+    /// received message must be storable (else it is never acknowledged and comes back for
+    /// ever), so each becomes U+FFFD, as in a stored topic.
+    pub fn to_jsonb_text(&self) -> Option<String> {
+        let has_nul = |s: &str| s.contains('\0');
+        let dirty = self.content_type.as_deref().is_some_and(has_nul)
+            || self.response_topic.as_deref().is_some_and(has_nul)
+            || self
+                .user_properties
+                .iter()
+                .any(|(k, v)| has_nul(k) || has_nul(v));
+        if !dirty {
+            return self.to_json_text();
+        }
+        let clean = |s: &String| s.replace('\0', "\u{FFFD}");
+        MessageProperties {
+            content_type: self.content_type.as_ref().map(clean),
+            response_topic: self.response_topic.as_ref().map(clean),
+            user_properties: self
+                .user_properties
+                .iter()
+                .map(|(k, v)| (clean(k), clean(v)))
+                .collect(),
+            ..self.clone()
+        }
+        .to_json_text()
+    }
+
     /// Bytes these properties add to a PUBLISH packet (identifiers, length prefixes and the
     /// property-length field included), to check a message against a packet limit before it
     /// reaches the connection.
@@ -200,6 +239,26 @@ impl MessageProperties {
     }
 }
 
+impl MessageProperties {
+    /// These properties after `waited_secs` whole seconds in the outbox: `message_expiry`
+    /// reduced by the wait (MQTT 5, 3.3.2.3.3: a message is forwarded with what is left of
+    /// its expiry). Err once nothing is left, in words for the dead letter's error. Whole
+    /// seconds round the wait down, so a message is never dropped before its time.
+    pub fn aged(mut self, waited_secs: u64) -> Result<MessageProperties, String> {
+        if let Some(expiry) = self.message_expiry {
+            match u64::from(expiry).checked_sub(waited_secs) {
+                Some(left) if left > 0 => self.message_expiry = Some(left as u32),
+                _ => {
+                    return Err(format!(
+                        "message expired in the outbox: message_expiry {expiry} s, waited {waited_secs} s"
+                    ))
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
 fn varint_len(n: usize) -> usize {
     match n {
         0..=127 => 1,
@@ -207,6 +266,17 @@ fn varint_len(n: usize) -> usize {
         16_384..=2_097_151 => 3,
         _ => 4,
     }
+}
+
+/// A caller's string quoted for an error message: escaped (a newline in it cannot start a
+/// forged log line) and cut short (a megabyte of key is not worth logging).
+fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    let mut out: String = s.chars().take(MAX).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -249,7 +319,8 @@ fn user_property(v: &Value) -> Result<(String, String), String> {
         Value::Array(a) if a.len() == 2 => a,
         _ => {
             return Err(format!(
-                "each user property must be a [name, value] pair of strings, not {v}"
+                "each user property must be a [name, value] pair of strings, not {}",
+                shown(&v.to_string())
             ))
         }
     };
@@ -260,7 +331,8 @@ fn user_property(v: &Value) -> Result<(String, String), String> {
             Ok((k.clone(), v.clone()))
         }
         _ => Err(format!(
-            "each user property must be a [name, value] pair of strings, not {v}"
+            "each user property must be a [name, value] pair of strings, not {}",
+            shown(&v.to_string())
         )),
     }
 }
@@ -353,12 +425,95 @@ mod tests {
             let e = MessageProperties::from_json(&v).unwrap_err();
             assert!(e.contains(want), "{v}: {e}");
         }
+        // correlation data is limited in bytes, not in hex digits
+        let longest = "ab".repeat(MAX_FIELD);
+        let p = MessageProperties::from_json(&json!({ "correlation_data": longest })).unwrap();
+        assert_eq!(p.correlation_data.map(|c| c.len()), Some(MAX_FIELD));
+        let over = "ab".repeat(MAX_FIELD + 1);
+        assert!(
+            MessageProperties::from_json(&json!({ "correlation_data": over }))
+                .unwrap_err()
+                .contains("longer than MQTT allows")
+        );
+        assert!(
+            MessageProperties::from_json(&json!({ "correlation_data": 12 }))
+                .unwrap_err()
+                .contains("correlation_data must be a string")
+        );
         let long = "x".repeat(MAX_FIELD + 1);
         assert!(
             MessageProperties::from_json(&json!({ "content_type": long }))
                 .unwrap_err()
                 .contains("longer")
         );
+    }
+
+    #[test]
+    fn jsonb_text_has_no_nul() {
+        let p = MessageProperties {
+            content_type: Some("a\0b".into()),
+            response_topic: Some("r\0".into()),
+            user_properties: vec![("k\0".into(), "\0v".into()), ("ok".into(), "fine".into())],
+            correlation_data: Some(vec![0, 0]),
+            ..Default::default()
+        };
+        let text = p.to_jsonb_text().unwrap();
+        assert!(!text.contains("\\u0000"), "{text}");
+        let back = MessageProperties::from_json_text(&text).unwrap();
+        assert_eq!(back.content_type.as_deref(), Some("a\u{FFFD}b"));
+        assert_eq!(
+            back.user_properties[0],
+            ("k\u{FFFD}".into(), "\u{FFFD}v".into())
+        );
+        assert_eq!(back.user_properties[1], ("ok".into(), "fine".into()));
+        assert_eq!(back.correlation_data, Some(vec![0, 0]));
+        let plain = MessageProperties {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        assert_eq!(plain.to_jsonb_text(), plain.to_json_text());
+        assert_eq!(MessageProperties::default().to_jsonb_text(), None);
+    }
+
+    #[test]
+    fn errors_quote_input_safely() {
+        let forged = format!("x\n2026-12-08 LOG:  forged{}", "y".repeat(10_000));
+        for v in [
+            json!({ forged.clone(): 1 }),
+            json!({ "payload_format": forged.clone() }),
+            json!({ "user_properties": [[forged.clone()]] }),
+            json!({ "user_properties": [[forged.clone(), 1]] }),
+        ] {
+            let e = MessageProperties::from_json(&v).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(e.len() < 400, "{} bytes", e.len());
+        }
+    }
+
+    #[test]
+    fn aged_subtracts_the_wait() {
+        let p = MessageProperties {
+            message_expiry: Some(60),
+            ..Default::default()
+        };
+        assert_eq!(p.clone().aged(0).unwrap().message_expiry, Some(60));
+        assert_eq!(p.clone().aged(59).unwrap().message_expiry, Some(1));
+        let e = p.clone().aged(60).unwrap_err();
+        assert_eq!(
+            e,
+            "message expired in the outbox: message_expiry 60 s, waited 60 s"
+        );
+        assert!(p.aged(75).unwrap_err().contains("waited 75 s"));
+        let none = MessageProperties {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        assert_eq!(none.clone().aged(u64::MAX).unwrap(), none);
+        let max = MessageProperties {
+            message_expiry: Some(u32::MAX),
+            ..Default::default()
+        };
+        assert_eq!(max.aged(1).unwrap().message_expiry, Some(u32::MAX - 1));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod listener;
 pub mod publish;
+pub mod reply;
 pub mod status;
 pub mod subscribe;
 pub mod test_connection;

@@ -19,6 +19,8 @@ pub struct Msg<'a> {
     pub retain: bool,
     pub message_id: Option<i32>,
     pub at_us: i64,
+    /// MQTT 5 properties as JSON text, None when the message had none.
+    pub properties: Option<String>,
 }
 
 /// Handlers and everything else a route runs see the search path a new session of their role
@@ -256,13 +258,15 @@ fn handler(client: &mut SpiClient<'_>, schema: &str, h: &str, ms: &[&Msg<'_>]) {
     let sql = format!(
         "SELECT {h}(ROW(u.id, u.broker_id, u.topic, u.payload, u.qos, u.retain, 'receive', u.message_id, \
            'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
-           (u.at::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval) \
+           (u.at::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval), \
+           u.properties::pg_catalog.jsonb \
          )::{schema}.mqtt_message_history) \
          FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.int4[]), \
            pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.bytea[]), \
            pg_catalog.unnest($5::pg_catalog.int2[]), pg_catalog.unnest($6::pg_catalog.bool[]), \
-           pg_catalog.unnest($7::pg_catalog.int4[]), pg_catalog.unnest($8::pg_catalog.int8[])) \
-           AS u(id, broker_id, topic, payload, qos, retain, message_id, at)"
+           pg_catalog.unnest($7::pg_catalog.int4[]), pg_catalog.unnest($8::pg_catalog.int8[]), \
+           pg_catalog.unnest($9::pg_catalog.text[])) \
+           AS u(id, broker_id, topic, payload, qos, retain, message_id, at, properties)"
     );
     let ids: Vec<i64> = ms.iter().map(|m| m.id).collect();
     let brokers: Vec<i32> = ms.iter().map(|m| m.broker_id).collect();
@@ -272,6 +276,7 @@ fn handler(client: &mut SpiClient<'_>, schema: &str, h: &str, ms: &[&Msg<'_>]) {
     let retain: Vec<bool> = ms.iter().map(|m| m.retain).collect();
     let mids: Vec<Option<i32>> = ms.iter().map(|m| m.message_id).collect();
     let at: Vec<i64> = ms.iter().map(|m| m.at_us).collect();
+    let properties: Vec<Option<&str>> = ms.iter().map(|m| m.properties.as_deref()).collect();
     if let Err(e) = client.update(
         &sql,
         None,
@@ -284,6 +289,7 @@ fn handler(client: &mut SpiClient<'_>, schema: &str, h: &str, ms: &[&Msg<'_>]) {
             retain.into(),
             mids.into(),
             at.into(),
+            properties.into(),
         ],
     ) {
         permanent_error(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string());

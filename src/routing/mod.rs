@@ -154,7 +154,8 @@ fn _mqtt_route_requeued(history_id: i64) {
             .select(
                 &format!(
                     "SELECT broker_id, topic, payload, qos, retain, message_id, \
-                       (extract(epoch FROM \"timestamp\") OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8 \
+                       (extract(epoch FROM \"timestamp\") OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, \
+                       properties::pg_catalog.text \
                      FROM {schema}.mqtt_message_history WHERE id OPERATOR(pg_catalog.=) $1"
                 ),
                 Some(1),
@@ -171,9 +172,11 @@ fn _mqtt_route_requeued(history_id: i64) {
                     r.get::<bool>(5).ok().flatten().unwrap_or(false),
                     r.get::<i32>(6).ok().flatten(),
                     r.get::<i64>(7).ok().flatten().unwrap_or(0),
+                    r.get::<String>(8).ok().flatten(),
                 )
             });
-        let Some((broker_id, topic, payload, qos, retain, message_id, at_us)) = row else {
+        let Some((broker_id, topic, payload, qos, retain, message_id, at_us, properties)) = row
+        else {
             return;
         };
         let routes = load(client, &schema, Some(broker_id));
@@ -186,6 +189,7 @@ fn _mqtt_route_requeued(history_id: i64) {
             retain,
             message_id,
             at_us,
+            properties,
         };
         let mine: Vec<&Route> = routes
             .get(&broker_id)

@@ -569,6 +569,7 @@ fn publish_row(setup: &Setup, op: &str, new: Option<&Row>, old: Option<&Row>) {
         payload.into_bytes(),
         setup.qos,
         setup.retain,
+        None,
     );
 }
 

@@ -42,6 +42,15 @@ struct Pending {
     payload: Vec<u8>,
     qos: i16,
     retain: bool,
+    /// MQTT 5 properties as normalized JSON text; None when there are none.
+    properties: Option<String>,
+}
+
+impl Pending {
+    /// Bytes it holds, for the flush threshold.
+    fn size(&self) -> usize {
+        self.payload.len() + self.topic.len() + self.properties.as_ref().map_or(0, String::len)
+    }
 }
 
 /// Write the buffer out once it holds this many messages or payload bytes.
@@ -91,6 +100,7 @@ pub fn queue(
     payload: Vec<u8>,
     qos: i16,
     retain: bool,
+    properties: Option<String>,
 ) -> i64 {
     // SAFETY: nextval of the extension's own sequence; no permission check, as the row is
     // written as the extension's owner. The subtransaction id is a plain read.
@@ -108,6 +118,7 @@ pub fn queue(
         payload,
         qos,
         retain,
+        properties,
     });
     crate::wake::queued_at_commit(id);
     id
@@ -117,7 +128,7 @@ pub fn queue(
 fn push(p: Pending) {
     let full = PENDING.with(|q| {
         let mut q = q.borrow_mut();
-        BYTES.set(BYTES.get() + p.payload.len() + p.topic.len());
+        BYTES.set(BYTES.get() + p.size());
         q.push(p);
         q.len() >= FLUSH_ROWS || BYTES.get() >= FLUSH_BYTES
     });
@@ -147,7 +158,7 @@ fn take(full: bool) -> Vec<Pending> {
         } else {
             Vec::new()
         };
-        BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
+        BYTES.set(q.iter().map(Pending::size).sum());
         out
     })
 }
@@ -187,6 +198,12 @@ fn write(full: bool) -> bool {
     let payload: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
     let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
     let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
+    // Properties are rare: a statement without them keeps the six-array INSERT, so the
+    // common bulk publish does not pay for a seventh array of NULLs and its cast.
+    let properties: Option<Vec<Option<&str>>> = rows
+        .iter()
+        .any(|r| r.properties.is_some())
+        .then(|| rows.iter().map(|r| r.properties.as_deref()).collect());
     // At commit, after COPY, or in a portal's clean-up there is no active snapshot, which SPI
     // needs; the transaction's own serves (a transaction abort pops it if the INSERT fails).
     // SAFETY: snapshot stack calls inside a transaction, balanced below.
@@ -200,7 +217,7 @@ fn write(full: bool) -> bool {
     security::as_extension_owner(|| {
         Spi::connect_mut(|client| {
             let arg = PgOid::BuiltIn;
-            let types = [
+            let mut types = vec![
                 arg(PgBuiltInOids::INT8ARRAYOID),
                 arg(PgBuiltInOids::INT4ARRAYOID),
                 arg(PgBuiltInOids::TEXTARRAYOID),
@@ -208,38 +225,49 @@ fn write(full: bool) -> bool {
                 arg(PgBuiltInOids::INT2ARRAYOID),
                 arg(PgBuiltInOids::BOOLARRAYOID),
             ];
+            let mut args = vec![
+                ids.into(),
+                broker.into(),
+                topic.into(),
+                payload.into(),
+                qos.into(),
+                retain.into(),
+            ];
+            let with_properties = properties.is_some();
+            if let Some(properties) = properties {
+                types.push(arg(PgBuiltInOids::TEXTARRAYOID));
+                args.push(properties.into());
+            }
             let schema = &installed.schema;
             let sql = || {
-                format!(
-                    "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain) \
-                     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
-                       pg_catalog.unnest($3), pg_catalog.unnest($4), \
-                       pg_catalog.unnest($5), pg_catalog.unnest($6))"
-                )
+                if with_properties {
+                    format!(
+                        "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain, properties) \
+                         SELECT i, b, t, p, q, r, j::pg_catalog.jsonb \
+                         FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
+                           pg_catalog.unnest($3), pg_catalog.unnest($4), \
+                           pg_catalog.unnest($5), pg_catalog.unnest($6), \
+                           pg_catalog.unnest($7)) AS x(i, b, t, p, q, r, j)"
+                    )
+                } else {
+                    format!(
+                        "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain) \
+                         SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
+                           pg_catalog.unnest($3), pg_catalog.unnest($4), \
+                           pg_catalog.unnest($5), pg_catalog.unnest($6))"
+                    )
+                }
             };
-            plans::with_plan(
-                client,
-                installed.oid,
-                "outbox_insert",
-                &types,
-                sql,
-                |client, stmt| {
-                    if let Err(e) = client.update(
-                        stmt,
-                        None,
-                        &[
-                            ids.into(),
-                            broker.into(),
-                            topic.into(),
-                            payload.into(),
-                            qos.into(),
-                            retain.into(),
-                        ],
-                    ) {
-                        error!("mqtt_pg could not queue messages in mqtt_outbox: {e}");
-                    }
-                },
-            )
+            let key = if with_properties {
+                "outbox_insert_properties"
+            } else {
+                "outbox_insert"
+            };
+            plans::with_plan(client, installed.oid, key, &types, sql, |client, stmt| {
+                if let Err(e) = client.update(stmt, None, &args) {
+                    error!("mqtt_pg could not queue messages in mqtt_outbox: {e}");
+                }
+            })
         })
     });
     if pushed {
@@ -373,7 +401,7 @@ unsafe extern "C-unwind" fn subxact_callback(
         PENDING.with(|q| {
             if let Ok(mut q) = q.try_borrow_mut() {
                 q.retain(|p| p.subxact < my_subid);
-                BYTES.set(q.iter().map(|p| p.payload.len() + p.topic.len()).sum());
+                BYTES.set(q.iter().map(Pending::size).sum());
             }
         });
         FLUSHING.set(false);

@@ -26,7 +26,7 @@ pub struct Loaded {
 pub const BROKER_COLUMNS: &str = "id, name, host, port, username, password_sealed, use_tls, \
      client_id, keepalive, clean_session, reconnect_min_ms, reconnect_max_ms, max_packet_size, \
      tls_server_name, ca_cert, client_cert, client_key_sealed, will_topic, will_payload, \
-     will_qos, will_retain, birth_payload";
+     will_qos, will_retain, birth_payload, protocol_version, session_expiry, receive_maximum";
 
 /// A broker row, selected as [`BROKER_COLUMNS`], as the engine's configuration, its secrets
 /// opened. Err: why the row cannot be used as it is, in words for its status (never a secret).
@@ -60,6 +60,12 @@ pub fn broker_config(row: &SpiHeapTupleData<'_>) -> Result<BrokerConfig, String>
             client_key: get_bytes(17),
         },
     )?;
+    let (protocol, session_expiry, receive_maximum) = mqtt5_settings(
+        &name,
+        get_s(23).as_deref(),
+        row.get::<i32>(24).ok().flatten(),
+        row.get::<i32>(25).ok().flatten(),
+    )?;
     let will = get_s(18).map(|topic| Will {
         topic,
         payload: get_s(19).unwrap_or_default().into_bytes(),
@@ -87,9 +93,9 @@ pub fn broker_config(row: &SpiHeapTupleData<'_>) -> Result<BrokerConfig, String>
         client_id: client_id_for(id, get_s(8)),
         keepalive: Duration::from_secs(get_i(9).clamp(5, 65_535) as u64),
         clean_session: get_b(10),
-        protocol: Protocol::default(),
-        session_expiry: None,
-        receive_maximum: None,
+        protocol,
+        session_expiry,
+        receive_maximum,
         max_packet_size: row
             .get::<i32>(13)
             .ok()
@@ -101,6 +107,44 @@ pub fn broker_config(row: &SpiHeapTupleData<'_>) -> Result<BrokerConfig, String>
         reconnect_max: Duration::from_millis(get_i(12).max(0) as u64),
         max_inflight: 100,
     })
+}
+
+/// The MQTT 5 columns of a broker row. The table's CHECKs keep them in range; a row that is
+/// not (a CHECK dropped by hand) is refused in words for its status rather than clamped into
+/// something nobody configured.
+fn mqtt5_settings(
+    name: &str,
+    protocol: Option<&str>,
+    session_expiry: Option<i32>,
+    receive_maximum: Option<i32>,
+) -> Result<(Protocol, Option<u32>, Option<u16>), String> {
+    let protocol = match protocol {
+        None => Protocol::default(),
+        Some(p) => Protocol::parse(p).ok_or_else(|| {
+            format!(
+                "invalid protocol_version {:?} for broker \"{name}\": must be '3.1.1' or '5'",
+                p.chars().take(20).collect::<String>()
+            )
+        })?,
+    };
+    let session_expiry = session_expiry
+        .map(|s| {
+            u32::try_from(s).map_err(|_| {
+                format!(
+                    "invalid session_expiry {s} for broker \"{name}\": must be 0 or more seconds"
+                )
+            })
+        })
+        .transpose()?;
+    let receive_maximum = receive_maximum
+        .map(|r| match u16::try_from(r) {
+            Ok(r) if r > 0 => Ok(r),
+            _ => Err(format!(
+                "invalid receive_maximum {r} for broker \"{name}\": must be 1 to 65535"
+            )),
+        })
+        .transpose()?;
+    Ok((protocol, session_expiry, receive_maximum))
 }
 
 /// Load every active broker with its active subscriptions. Runs inside a transaction.
@@ -200,5 +244,36 @@ fn still_allowed(
         Err(format!(
             "no rule in mqtt_access_control lets its role \"{name}\" subscribe to it any more"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt5_columns() {
+        assert_eq!(
+            mqtt5_settings("b", None, None, None).unwrap(),
+            (Protocol::V311, None, None)
+        );
+        assert_eq!(
+            mqtt5_settings("b", Some("5"), Some(0), Some(1)).unwrap(),
+            (Protocol::V5, Some(0), Some(1))
+        );
+        assert_eq!(
+            mqtt5_settings("b", Some("3.1.1"), Some(i32::MAX), Some(65_535)).unwrap(),
+            (Protocol::V311, Some(i32::MAX as u32), Some(65_535))
+        );
+        for (p, s, r, want) in [
+            (Some("4"), None, None, "protocol_version"),
+            (Some("5.0"), None, None, "protocol_version"),
+            (None, Some(-1), None, "session_expiry"),
+            (None, None, Some(0), "receive_maximum"),
+            (None, None, Some(65_536), "receive_maximum"),
+        ] {
+            let e = mqtt5_settings("b", p, s, r).unwrap_err();
+            assert!(e.contains(want) && e.contains("\"b\""), "{e}");
+        }
     }
 }

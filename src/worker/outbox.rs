@@ -6,7 +6,9 @@
 //! watermark" picks those up too, in the order they became visible.
 
 use mqtt_pg_core::engine::OutMessage;
+use mqtt_pg_core::properties::MessageProperties;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use pgrx::{PgBuiltInOids, PgOid};
 
 /// Payload bytes one broker may have handed to its connection and not yet acknowledged: the
@@ -18,6 +20,11 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 /// row, however large). `above` counts the rows above `floor` that `is_taken` says are in
 /// flight already (they are read and skipped). Also returns the highest id read and either
 /// handed out or skipped as taken: every committed row up to it is now taken.
+///
+/// A row whose MQTT 5 message_expiry has run out while it waited (counted from `created_at`)
+/// is not handed out but moved to `mqtt_dead_letter`, in this transaction (the worker's send
+/// transaction), as is a row whose properties cannot be read (written into the table
+/// directly). The others go with what is left of their expiry.
 pub fn fetch(
     broker_id: i32,
     floor: i64,
@@ -47,10 +54,15 @@ pub fn fetch(
     ];
     // One ordered index scan. The running sum keeps the batch within `byte_room` (a payload
     // is never detoasted to be measured, nor read at all when it is cut off or in flight).
+    // `waited`: whole seconds since the row was queued, only for rows with properties (the
+    // only ones it matters for), from the statement's clock.
     let sql = || {
         format!(
-            "SELECT id, topic, payload, qos, retain FROM ( \
-               SELECT id, topic, payload, qos, retain, \
+            "SELECT id, topic, payload, qos, retain, properties::pg_catalog.text, \
+               CASE WHEN properties IS NOT NULL THEN pg_catalog.floor(pg_catalog.date_part('epoch', \
+                 pg_catalog.statement_timestamp() OPERATOR(pg_catalog.-) created_at))::pg_catalog.int8 END \
+             FROM ( \
+               SELECT id, topic, payload, qos, retain, properties, created_at, \
                  pg_catalog.octet_length(payload) AS len, \
                  pg_catalog.sum(pg_catalog.octet_length(payload)) \
                    OVER (ORDER BY broker_id, id ROWS UNBOUNDED PRECEDING) AS upto \
@@ -64,7 +76,7 @@ pub fn fetch(
         crate::plans::with_plan(
             client,
             installed.oid,
-            "outbox_fetch",
+            "outbox_fetch_v2",
             &types,
             sql,
             |client, stmt| {
@@ -79,6 +91,7 @@ pub fn fetch(
                     ],
                 );
                 let mut messages = Vec::new();
+                let mut dead: Vec<(i64, String)> = Vec::new();
                 let mut consumed = floor;
                 if let Ok(rows) = rows {
                     for r in rows {
@@ -101,14 +114,43 @@ pub fn fetch(
                         ) else {
                             continue;
                         };
+                        let waited = r.get::<i64>(7).ok().flatten().unwrap_or(0).max(0) as u64;
+                        let properties = match r.get::<String>(6).ok().flatten() {
+                            None => None,
+                            Some(text) => match MessageProperties::from_json_text(&text)
+                                .map_err(|e| format!("invalid properties in mqtt_outbox: {e}"))
+                                .and_then(|p| p.aged(waited))
+                            {
+                                Ok(p) => (!p.is_empty()).then_some(p),
+                                Err(e) => {
+                                    dead.push((id, e));
+                                    continue;
+                                }
+                            },
+                        };
                         messages.push(OutMessage {
                             outbox_id: id,
                             topic,
                             payload,
                             qos: qos.clamp(0, 2) as u8,
                             retain,
-                            properties: None,
+                            properties,
                         });
+                    }
+                }
+                if !dead.is_empty() {
+                    // In a subtransaction: a trigger someone put on mqtt_dead_letter must not
+                    // take the send transaction (and the worker) down with it. The rows are
+                    // then left where they are, unsent, and not counted as read, so the next
+                    // fetch tries again.
+                    if let Err(f) = super::subxact::run(|| dead_letter(client, schema, &dead)) {
+                        let first = dead.iter().map(|d| d.0).min().unwrap_or(floor + 1);
+                        consumed = consumed.min(first - 1);
+                        warning!(
+                            "mqtt_pg could not move {} expired or unreadable messages from mqtt_outbox to mqtt_dead_letter: {}",
+                            dead.len(),
+                            f.message
+                        );
                     }
                 }
                 (messages, consumed)
@@ -135,10 +177,11 @@ pub fn set_aside_orphans(schema: &str) {
                    SELECT FROM {schema}.mqtt_broker b WHERE b.id OPERATOR(pg_catalog.=) ids.id)), \
                  d AS (DELETE FROM {schema}.mqtt_outbox o USING orphans x \
                    WHERE o.broker_id OPERATOR(pg_catalog.=) x.id RETURNING o.*) \
-                 INSERT INTO {schema}.mqtt_dead_letter (broker_id, topic, payload, qos, retain, direction, error) \
+                 INSERT INTO {schema}.mqtt_dead_letter (broker_id, topic, payload, qos, retain, direction, error, properties) \
                  SELECT broker_id, topic, payload, qos, retain, 'send', \
                    'no MQTT broker has id ' OPERATOR(pg_catalog.||) broker_id \
-                   OPERATOR(pg_catalog.||) ' (the row was written into mqtt_outbox directly)' \
+                   OPERATOR(pg_catalog.||) ' (the row was written into mqtt_outbox directly)', \
+                   properties \
                  FROM d ORDER BY id"
             ),
             None,
@@ -150,5 +193,28 @@ pub fn set_aside_orphans(schema: &str) {
         Ok(0) => {}
         Ok(n) => log!("mqtt_pg moved {n} messages for brokers that do not exist from mqtt_outbox to mqtt_dead_letter"),
         Err(e) => warning!("mqtt_pg could not check mqtt_outbox for messages of missing brokers: {e}"),
+    }
+}
+
+/// Move outbox rows to `mqtt_dead_letter` with an error each, properties and all: rows the
+/// broker refused (MQTT 5 reason codes), rows expired while they waited. One statement.
+pub fn dead_letter(client: &mut SpiClient<'_>, schema: &str, rows: &[(i64, String)]) {
+    let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let reasons: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    let result = client.update(
+        &format!(
+            "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
+               USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[])) AS u(id, error) \
+               WHERE o.id OPERATOR(pg_catalog.=) u.id \
+               RETURNING o.*, u.error) \
+             INSERT INTO {schema}.mqtt_dead_letter \
+               (broker_id, topic, payload, qos, retain, direction, error, properties) \
+             SELECT broker_id, topic, payload, qos, retain, 'send', error, properties FROM d ORDER BY id"
+        ),
+        None,
+        &[ids.into(), reasons.into()],
+    );
+    if let Err(e) = result {
+        error!("mqtt_pg could not move messages from mqtt_outbox to mqtt_dead_letter: {e}");
     }
 }

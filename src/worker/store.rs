@@ -228,24 +228,7 @@ fn store_all(schema: &str, batch: &Batch, routes: &Routes, held: &Held) -> Outco
             move_delivered(client, schema, &batch.delivered, &mut outcome);
         }
         if !batch.rejected.is_empty() {
-            let ids: Vec<i64> = batch.rejected.iter().map(|r| r.0).collect();
-            let reasons: Vec<&str> = batch.rejected.iter().map(|r| r.1.as_str()).collect();
-            let result = client.update(
-                &format!(
-                    "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
-                       USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[])) AS u(id, error) \
-                       WHERE o.id OPERATOR(pg_catalog.=) u.id \
-                       RETURNING o.*, u.error) \
-                     INSERT INTO {schema}.mqtt_dead_letter \
-                       (broker_id, topic, payload, qos, retain, direction, error) \
-                     SELECT broker_id, topic, payload, qos, retain, 'send', error FROM d"
-                ),
-                None,
-                &[ids.into(), reasons.into()],
-            );
-            if let Err(e) = result {
-                error!("mqtt_pg could not move rejected messages to mqtt_dead_letter: {e}");
-            }
+            super::outbox::dead_letter(client, schema, &batch.rejected);
         }
     });
     outcome
@@ -262,6 +245,7 @@ fn view(m: &InMessage, id: i64) -> exec::Msg<'_> {
         retain: m.retain,
         message_id: m.pkid.map(i32::from),
         at_us: m.received_at_us,
+        properties: m.properties.as_ref().and_then(|p| p.to_jsonb_text()),
     }
 }
 
@@ -395,18 +379,24 @@ fn insert_received(
         .map(|(m, _)| m.pkid.map(i32::from))
         .collect();
     let at: Vec<i64> = received.iter().map(|(m, _)| m.received_at_us).collect();
+    let properties: Vec<Option<String>> = received
+        .iter()
+        .map(|(m, _)| m.properties.as_ref().and_then(|p| p.to_jsonb_text()))
+        .collect();
     // RETURNING gives the rows in the order inserted, which is unnest's.
     let result = client.update(
         &format!(
             "INSERT INTO {schema}.mqtt_message_history \
-             (broker_id, topic, payload, qos, retain, direction, message_id, \"timestamp\") \
+             (broker_id, topic, payload, qos, retain, direction, message_id, \"timestamp\", properties) \
              SELECT b, t, p, q, r, 'receive', m, \
                     'epoch'::pg_catalog.timestamptz OPERATOR(pg_catalog.+) \
-                    (u::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval) \
+                    (u::pg_catalog.float8 OPERATOR(pg_catalog.*) '1 microsecond'::pg_catalog.interval), \
+                    j::pg_catalog.jsonb \
              FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int4[]), pg_catalog.unnest($2::pg_catalog.text[]), \
                    pg_catalog.unnest($3::pg_catalog.bytea[]), pg_catalog.unnest($4::pg_catalog.int2[]), \
                    pg_catalog.unnest($5::pg_catalog.bool[]), pg_catalog.unnest($6::pg_catalog.int4[]), \
-                   pg_catalog.unnest($7::pg_catalog.int8[])) AS x(b, t, p, q, r, m, u){}",
+                   pg_catalog.unnest($7::pg_catalog.int8[]), pg_catalog.unnest($8::pg_catalog.text[])) \
+                   AS x(b, t, p, q, r, m, u, j){}",
             if returning { " RETURNING id" } else { "" }
         ),
         None,
@@ -418,6 +408,7 @@ fn insert_received(
             retain.into(),
             pkid.into(),
             at.into(),
+            properties.into(),
         ],
     );
     match result {
@@ -433,8 +424,8 @@ fn dead_letter_received(client: &mut SpiClient<'_>, schema: &str, m: &InMessage,
     let result = client.update(
         &format!(
             "INSERT INTO {schema}.mqtt_dead_letter \
-             (broker_id, topic, payload, qos, retain, direction, error) \
-             VALUES ($1, $2, $3, $4, $5, 'receive', $6)"
+             (broker_id, topic, payload, qos, retain, direction, error, properties) \
+             VALUES ($1, $2, $3, $4, $5, 'receive', $6, $7::pg_catalog.jsonb)"
         ),
         None,
         &[
@@ -444,6 +435,7 @@ fn dead_letter_received(client: &mut SpiClient<'_>, schema: &str, m: &InMessage,
             (m.qos as i16).into(),
             m.retain.into(),
             error.into(),
+            m.properties.as_ref().and_then(|p| p.to_jsonb_text()).into(),
         ],
     );
     if let Err(e) = result {
@@ -546,10 +538,10 @@ fn move_to_history(
             "WITH d AS (DELETE FROM {schema}.mqtt_outbox o \
                USING ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(id, pkid) \
                WHERE o.id OPERATOR(pg_catalog.=) u.id \
-               RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, u.pkid) \
+               RETURNING o.id, o.broker_id, o.topic, o.payload, o.qos, o.retain, o.properties, u.pkid) \
              INSERT INTO {schema}.mqtt_message_history \
-               (broker_id, topic, payload, qos, retain, direction, message_id) \
-             SELECT broker_id, topic, payload, qos, retain, 'send', pkid FROM d ORDER BY id \
+               (broker_id, topic, payload, qos, retain, direction, message_id, properties) \
+             SELECT broker_id, topic, payload, qos, retain, 'send', pkid, properties FROM d ORDER BY id \
              RETURNING broker_id, pg_catalog.octet_length(payload)::pg_catalog.int8, \
                CASE WHEN $3 THEN topic END, qos"
         )
@@ -557,7 +549,7 @@ fn move_to_history(
     plans::with_plan(
         client,
         extension,
-        "move_to_history_v2",
+        "move_to_history_v3",
         &types,
         sql,
         |client, stmt| match client.update(stmt, None, &[ids.into(), pkids.into(), log.into()]) {
