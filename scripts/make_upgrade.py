@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Write sql/mqtt_pg--0.1.0--0.2.0.sql from its parts while 0.2.0 is not yet released.
+"""Write sql/mqtt_pg--0.1.0--0.2.0.sql from its parts (0.2.0 is released: the file is frozen, and
+this is kept to show how it was made; tests/e2e/test_upgrade.py checks that it still holds the
+released install script, sql/mqtt_pg--0.2.0.sql).
 
 The update runs the 0.2.0 install script unchanged between moving the 0.1.0 tables aside and
 copying their rows back (see sql/upgrade/0.1.0--0.2.0.before.sql). The install script is what
@@ -14,7 +16,6 @@ fresh install). Once 0.2.0 is released the file is frozen and later versions get
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,9 +26,7 @@ def main() -> int:
     if len(sys.argv) > 1:
         install = Path(sys.argv[1])
     else:
-        share = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], check=True,
-                               capture_output=True, text=True).stdout.strip()
-        install = Path(share) / "extension" / "mqtt_pg--0.2.0.sql"
+        install = ROOT / "sql" / "mqtt_pg--0.2.0.sql"
     parts = [
         (ROOT / "sql/upgrade/0.1.0--0.2.0.before.sql").read_text(),
         "-- ---- generated: the 0.2.0 install script " + "-" * 50 + "\n" + install.read_text(),

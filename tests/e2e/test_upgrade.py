@@ -1,10 +1,11 @@
-"""Upgrading: 0.1.0 (the release before security, integration and operations) to 0.2.0 with
-ALTER EXTENSION mqtt_pg UPDATE while the worker runs.
+"""Upgrading with ALTER EXTENSION mqtt_pg UPDATE while the worker runs: from 0.1.0 (the release
+before security, integration and operations; through 0.2.0) and from 0.2.0 (before MQTT 5) to
+this version.
 
-0.1.0's install script ships in the extension directory (scripts/setup.sh puts it there), so a
-database can be made at 0.1.0 with the current library. That library refuses to act on 0.1.0's
-objects (55000, and its worker sends nothing) until the update; then nothing may be lost, the
-queued messages must go out, and the schema must equal a fresh 0.2.0 install.
+The released install scripts ship in the extension directory (scripts/setup.sh puts them there),
+so a database can be made at an old version with the current library. That library refuses to
+act on old objects (55000, and its worker sends nothing) until the update; then nothing may be
+lost, the queued messages must go out, and the schema must equal a fresh install.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 import subprocess
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -20,6 +22,9 @@ from psycopg import sql
 from harness import HOST, PG_BIN, PgCluster, mqtt_sub, unique, wait_for, wait_status
 
 QUEUED = 500
+ROOT = Path(__file__).resolve().parents[2]
+# The version this build installs (Cargo.toml's, as the control file says).
+CURRENT = re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +119,7 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as e:
             c.execute("SELECT mqtt_publish('a/b', 'x')")
         assert "ALTER EXTENSION mqtt_pg UPDATE" in (e.value.diag.message_hint or "")
-        wait_for(lambda: "is at version 0.1.0 in this database but the library is version 0.2.0"
+        wait_for(lambda: f"is at version 0.1.0 in this database but the library is version {CURRENT}"
                  in cluster.log_text(), message="the worker's warning")
         assert cluster.worker_pids(old), "the worker runs (idle) before the update"
         assert c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == QUEUED, "nothing sent before the update"
@@ -126,7 +131,7 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
             c.add_notice_handler(lambda n: warnings.append(n.message_primary or ""))
             c.execute("ALTER EXTENSION mqtt_pg UPDATE")
             assert any("reserved/#" in w and "not carried over" in w for w in warnings), warnings
-            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.2.0"
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == CURRENT
             assert cluster.worker_pids(old), "the worker ran through the update"
             # the queued messages go out, once each, in order
             sub.wait_count(QUEUED, timeout=60)
@@ -141,11 +146,13 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
             assert c.execute("SELECT array_agg(id ORDER BY id) FROM mqtt_message_history WHERE direction = 'receive' "
                              "AND topic = %s", (f"{topic}/old",)).fetchone()[0] == history_ids
             for t in ("mqtt_message_history", "mqtt_dead_letter"):
+                # the row as 0.1.0 had it: 0.3.0's properties column (NULL here) comes last
+                as_before = r"hashtext(regexp_replace(t::text, ',\)$', ')'))"
                 if t == "mqtt_message_history":
-                    now = c.execute("SELECT count(*), coalesce(sum(hashtext(t::text)), 0) FROM mqtt_message_history t "
+                    now = c.execute(f"SELECT count(*), coalesce(sum({as_before}), 0) FROM mqtt_message_history t "
                                     "WHERE NOT (direction = 'send' AND topic = %s)", (f"{topic}/out",)).fetchone()
                 else:
-                    now = c.execute(f"SELECT count(*), coalesce(sum(hashtext(t::text)), 0) FROM {t} t").fetchone()
+                    now = c.execute(f"SELECT count(*), coalesce(sum({as_before}), 0) FROM {t} t").fetchone()
                 assert now == before[t], t
             # brokers and secrets: the plain-text password is sealed, write-only now
             b = c.execute("SELECT password, has_password, username FROM mqtt_broker WHERE name = 'spare'").fetchone()
@@ -200,9 +207,13 @@ def test_upgrade_from_0_1_0_keeps_everything(cluster, mosquitto_factory):
     with db(cluster, old) as a, db(cluster, target) as t:
         assert t.execute(count).fetchone() == a.execute(count).fetchone()
 
-    upgraded, installed = schema_dump(cluster, old), schema_dump(cluster, fresh)
-    diff = "\n".join(difflib.unified_diff(installed.splitlines(), upgraded.splitlines(), "fresh 0.2.0", "upgraded",
-                                          lineterm="", n=1))
+    assert_same_schema(cluster, old, fresh)
+
+
+def assert_same_schema(cluster, upgraded_db: str, fresh_db: str) -> None:
+    upgraded, installed = schema_dump(cluster, upgraded_db), schema_dump(cluster, fresh_db)
+    diff = "\n".join(difflib.unified_diff(installed.splitlines(), upgraded.splitlines(), f"fresh {CURRENT}",
+                                          "upgraded", lineterm="", n=1))
     assert upgraded == installed, f"the upgraded schema differs from a fresh install:\n{diff}"
 
 
@@ -228,17 +239,123 @@ def test_upgrade_refuses_when_own_objects_depend(cluster):
         c.execute("DROP INDEX my_topic_idx")
         c.execute("DROP TRIGGER my_trigger ON mqtt_outbox")
         c.execute("ALTER EXTENSION mqtt_pg UPDATE")
-        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == "0.2.0"
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == CURRENT
 
 
-def test_upgrade_script_is_current():
-    """The committed update script holds the install script of this build (see
-    scripts/make_upgrade.py): a schema change without regenerating it fails here."""
-    share = subprocess.run([str(PG_BIN / "pg_config"), "--sharedir"], check=True, capture_output=True,
-                           text=True).stdout.strip()
-    from pathlib import Path
-    install = (Path(share) / "extension" / "mqtt_pg--0.2.0.sql").read_text()
-    update = (Path(share) / "extension" / "mqtt_pg--0.1.0--0.2.0.sql").read_text()
-    assert install in update, "run scripts/make_upgrade.py after changing 0.2.0's SQL"
-    assert (Path(share) / "extension" / "mqtt_pg--0.1.0.sql").exists()
+def test_released_scripts_ship_unchanged():
+    """The released versions' install scripts are installed beside this one (scripts/setup.sh),
+    and 0.1.0 -> 0.2.0, frozen since 0.2.0's release, holds 0.2.0's install script as released
+    (scripts/make_upgrade.py made it so). Later updates are plain ALTERs, checked against a fresh
+    install by the tests above and below."""
+    share = Path(subprocess.run([str(PG_BIN / "pg_config"), "--sharedir"], check=True, capture_output=True,
+                                text=True).stdout.strip()) / "extension"
+    for v in ("0.1.0", "0.2.0"):
+        assert (share / f"mqtt_pg--{v}.sql").read_text() == (ROOT / "sql" / f"mqtt_pg--{v}.sql").read_text(), v
+    update = (ROOT / "sql" / "mqtt_pg--0.1.0--0.2.0.sql").read_text()
+    assert (ROOT / "sql" / "mqtt_pg--0.2.0.sql").read_text() in update
     assert re.search(r"DROP SCHEMA _mqtt_pg_0_1_0;", update)
+    assert (share / "mqtt_pg--0.2.0--0.3.0.sql").exists()
+
+
+def test_upgrade_from_0_2_0_keeps_everything(cluster, mosquitto_factory):
+    """0.2.0 -> 0.3.0 while the worker runs: brokers, subscriptions, access rules, queued
+    messages, history (in its day partitions), dead letters and grants are kept with their ids;
+    the queued messages go out in order once the update has run; the new columns have their
+    defaults and the owner may set them; the schema equals a fresh install."""
+    mosq = mosquitto_factory()
+    old, fresh = unique("up2"), unique("fresh2")
+    owner = unique("odoo")
+    with cluster.connect() as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
+        for name in (old, fresh):
+            admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(owner)))
+    topic = f"upgrade2/{unique('t')}"
+    with db(cluster, old) as c:
+        c.execute("CREATE EXTENSION mqtt_pg VERSION '0.2.0'")
+        c.execute("INSERT INTO mqtt_broker (id, name, host, port, active, is_default, clean_session) "
+                  "VALUES (7, 'plant', %s, %s, true, true, false)", (HOST, mosq.port))
+        c.execute("INSERT INTO mqtt_broker (id, name, host, port, username) VALUES (9, 'spare', 'mqtt.example', 1883, 'odoo')")
+        c.execute("SELECT setval('mqtt_broker_id_seq', 9)")
+        c.execute("INSERT INTO mqtt_topic (broker_id, name, qos, subscribe) VALUES (7, %s, 1, true)", (f"{topic}/in/#",))
+        c.execute("INSERT INTO mqtt_access_control (role_name, topic_filter, allow_publish, allow_subscribe) "
+                  "VALUES ('reporting', 'plant/#', false, true)")
+        reporting = unique("reporting")
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(reporting)))
+        c.execute(sql.SQL("GRANT SELECT ON mqtt_message_history, mqtt_message_history_text TO {}").format(
+            sql.Identifier(reporting)))
+        c.execute("INSERT INTO mqtt_outbox (broker_id, topic, payload, qos) "
+                  "SELECT 7, %s, convert_to('m' || i, 'UTF8'), 1 FROM generate_series(1, %s) i", (f"{topic}/out", QUEUED))
+        c.execute("INSERT INTO mqtt_message_history (broker_id, topic, payload, qos, direction, \"timestamp\") "
+                  "SELECT 7, %s, '\\x00ff'::bytea, 0, 'receive', now() - i * interval '1 hour' FROM generate_series(1, 300) i",
+                  (f"{topic}/old",))
+        c.execute("INSERT INTO mqtt_dead_letter (broker_id, topic, payload, qos, direction, error) "
+                  "VALUES (7, %s, 'dead', 1, 'send', 'refused')", (f"{topic}/dead",))
+        tables = ("mqtt_broker", "mqtt_topic", "mqtt_access_control", "mqtt_outbox", "mqtt_message_history",
+                  "mqtt_dead_letter")
+        # every row of every table, as its columns of 0.2.0 (the update only adds columns)
+        snapshot = {t: c.execute(sql.SQL("SELECT array_agg(t ORDER BY id)::text FROM {} t").format(
+            sql.Identifier(t))).fetchone()[0] for t in tables}
+
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as e:
+            c.execute("SELECT mqtt_publish('a/b', 'x')")
+        assert "ALTER EXTENSION mqtt_pg UPDATE" in (e.value.diag.message_hint or "")
+        wait_for(lambda: f"is at version 0.2.0 in this database but the library is version {CURRENT}"
+                 in cluster.log_text(), message="the worker's warning")
+        assert c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == QUEUED, "nothing sent before the update"
+
+    sub = mqtt_sub(mosq.port, f"{topic}/out", qos=1)
+    try:
+        with db(cluster, old) as c:
+            c.execute("ALTER EXTENSION mqtt_pg UPDATE")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'mqtt_pg'").fetchone()[0] == CURRENT
+            sub.wait_count(QUEUED, timeout=60)
+            assert [p.decode() for p in sub.payloads()] == [f"m{i}" for i in range(1, QUEUED + 1)]
+            wait_for(lambda: c.execute("SELECT count(*) FROM mqtt_outbox").fetchone()[0] == 0,
+                     message="the outbox emptied")
+            for t in tables:
+                cols = [r[0] for r in c.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                    "AND NOT attisdropped AND attname NOT IN ('protocol_version', 'session_expiry', "
+                    "'receive_maximum', 'properties') ORDER BY attnum", (t,)).fetchall()]
+                where = sql.SQL("WHERE NOT (direction = 'send' AND topic = {})").format(sql.Literal(f"{topic}/out")) \
+                    if t == "mqtt_message_history" else sql.SQL("WHERE false") if t == "mqtt_outbox" else sql.SQL("")
+                now = c.execute(sql.SQL("SELECT array_agg(ROW({}) ORDER BY id)::text FROM {} t {}").format(
+                    sql.SQL(", ").join(map(sql.Identifier, cols)), sql.Identifier(t), where)).fetchone()[0]
+                if t != "mqtt_outbox":
+                    assert now == snapshot[t], t
+            assert c.execute("SELECT array_agg(DISTINCT protocol_version) FROM mqtt_broker").fetchone()[0] == ["3.1.1"]
+            assert c.execute("SELECT count(*) FROM mqtt_message_history WHERE properties IS NOT NULL").fetchone()[0] == 0
+            assert c.execute("SELECT has_table_privilege(%s, 'mqtt_message_history_text', 'SELECT')",
+                             (reporting,)).fetchone()[0]
+            assert c.execute("SELECT nextval('mqtt_broker_id_seq')").fetchone()[0] == 10
+        # the database owner may switch a broker to MQTT 5, and it connects so
+        with psycopg.connect(host=HOST, port=cluster.port, user=owner, dbname=old, autocommit=True) as o:
+            o.execute("UPDATE mqtt_broker SET protocol_version = '5', receive_maximum = 100 WHERE name = 'plant'")
+            cid = o.execute("SELECT client_id FROM mqtt_broker_status WHERE name = 'plant'").fetchone()[0]
+            wait_for(lambda: f"as {cid} (p5," in mosq.log_text() and o.execute(
+                "SELECT status FROM mqtt_broker_status WHERE name = 'plant'").fetchone()[0] == "connected",
+                message="the broker on MQTT 5")
+            o.execute("SELECT mqtt_publish(%s, 'after', 1, properties => '{\"content_type\": \"text/plain\"}')",
+                      (f"{topic}/in/x",))
+            wait_for(lambda: o.execute("SELECT properties->>'content_type' FROM mqtt_message_history "
+                                       "WHERE topic = %s AND direction = 'receive'", (f"{topic}/in/x",)).fetchone()
+                     == ("text/plain",), message="a message with properties received after the update")
+    finally:
+        sub.close()
+
+    with db(cluster, fresh) as c:
+        c.execute("CREATE EXTENSION mqtt_pg")
+    with db(cluster, old) as a, db(cluster, fresh) as b:
+        fa, fb = catalog_facts(a), catalog_facts(b)
+        assert fa["config"] == fb["config"]
+        assert fa["members"] == fb["members"], (
+            f"only upgraded: {sorted(set(fa['members']) - set(fb['members']))}; "
+            f"only fresh: {sorted(set(fb['members']) - set(fa['members']))}")
+        # the owner's column privileges on mqtt_broker are those of a fresh install
+        priv = ("SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute WHERE attrelid = 'mqtt_broker'::regclass "
+                "AND attnum > 0 AND has_column_privilege(%s, 'mqtt_broker', attname, 'UPDATE WITH GRANT OPTION')")
+        assert a.execute(priv, (owner,)).fetchone() == b.execute(priv, (owner,)).fetchone()
+        # the DBA's own grant (kept, checked above) is the one difference a dump may show
+        a.execute(sql.SQL("REVOKE SELECT ON mqtt_message_history, mqtt_message_history_text FROM {}").format(
+            sql.Identifier(reporting)))
+    assert_same_schema(cluster, old, fresh)
