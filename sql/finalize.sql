@@ -361,12 +361,13 @@ COMMENT ON FUNCTION @extschema@.mqtt_publish(text, jsonb, integer, boolean, text
 -- mqtt_message_history and obeys its row-level security. Not STRICT: NULL arguments are
 -- errors (22023), not a NULL that looks like a timeout.
 CREATE FUNCTION @extschema@.mqtt_wait_for_reply(correlation_data bytea,
-                                                timeout interval DEFAULT '10 seconds')
+                                                timeout interval DEFAULT '10 seconds',
+                                                since timestamptz DEFAULT NULL)
 RETURNS @extschema@.mqtt_message_history
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_wait_for_reply';
-COMMENT ON FUNCTION @extschema@.mqtt_wait_for_reply(bytea, interval) IS
-  'Wait until a received message whose MQTT 5 correlation_data is this one is in mqtt_message_history (committed at any time, also after this transaction started) and return the newest such row; NULL after timeout.';
+COMMENT ON FUNCTION @extschema@.mqtt_wait_for_reply(bytea, interval, timestamptz) IS
+  'Wait until a received message whose MQTT 5 correlation_data is this one (stored at or after since, when given) is in mqtt_message_history (committed at any time, also after this transaction started) and return the newest such row; NULL after timeout.';
 COMMENT ON FUNCTION @extschema@.mqtt_start_listener(text) IS
   'Mark a broker active so the worker connects (idempotent); returns the MQTT client id.';
 COMMENT ON FUNCTION @extschema@.mqtt_stop_listener(text) IS

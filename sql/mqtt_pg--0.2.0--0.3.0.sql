@@ -21,7 +21,7 @@ ALTER TABLE @extschema@.mqtt_message_history
     ADD COLUMN properties jsonb CHECK (jsonb_typeof(properties) = 'object');
 COMMENT ON COLUMN @extschema@.mqtt_message_history.properties IS 'MQTT 5 properties as JSON (content_type, payload_format, message_expiry, response_topic, correlation_data as hex, user_properties as [name, value] pairs); NULL when none. Sent messages keep what mqtt_publish was given.';
 CREATE INDEX mqtt_message_history_correlation ON @extschema@.mqtt_message_history
-    ((properties OPERATOR(pg_catalog.->>) 'correlation_data'))
+    USING hash ((properties OPERATOR(pg_catalog.->>) 'correlation_data'))
     WHERE direction OPERATOR(pg_catalog.=) 'receive' AND properties OPERATOR(pg_catalog.?) 'correlation_data';
 ALTER TABLE @extschema@.mqtt_outbox
     ADD COLUMN properties jsonb CHECK (jsonb_typeof(properties) = 'object');
@@ -44,6 +44,16 @@ $grant$;
 
 -- mqtt_publish takes properties: the five-argument forms give way to six-argument ones (a
 -- call without properties resolves to them as before).
+-- Privileges a DBA set on them (REVOKE EXECUTE ... FROM PUBLIC, GRANT to the application's
+-- role) are put back on the new forms below.
+-- (Kept in settings local to this transaction: a table made here would become part of the
+-- extension.)
+SELECT pg_catalog.set_config('mqtt_pg_update.acl_' OPERATOR(pg_catalog.||) (p.proargtypes[1])::pg_catalog.regtype::text,
+                             p.proacl::text, true)
+FROM pg_catalog.pg_proc p
+WHERE p.pronamespace OPERATOR(pg_catalog.=) '@extschema@'::pg_catalog.regnamespace
+  AND p.proname OPERATOR(pg_catalog.=) 'mqtt_publish' AND p.pronargs OPERATOR(pg_catalog.=) 5
+  AND p.proacl IS NOT NULL;
 DROP FUNCTION @extschema@.mqtt_publish(text, jsonb, integer, boolean, text);
 DROP FUNCTION @extschema@.mqtt_publish(text, text, integer, boolean, text);
 DROP FUNCTION @extschema@.mqtt_publish(text, bytea, integer, boolean, text);
@@ -82,11 +92,50 @@ COMMENT ON FUNCTION @extschema@.mqtt_publish(text, bytea, integer, boolean, text
 COMMENT ON FUNCTION @extschema@.mqtt_publish(text, jsonb, integer, boolean, text, jsonb) IS
   'Queue an MQTT message (JSON payload), with MQTT 5 properties; sent only if the transaction commits. Returns the mqtt_outbox id.';
 
+DO $acl$
+DECLARE
+    payload text;
+    acl text;
+    g record;
+    target text;
+BEGIN
+    FOREACH payload IN ARRAY ARRAY['text', 'bytea', 'jsonb'] LOOP
+        acl := NULLIF(pg_catalog.current_setting('mqtt_pg_update.acl_' OPERATOR(pg_catalog.||) payload, true), '');
+        CONTINUE WHEN acl IS NULL;
+        target := pg_catalog.format('@extschema@.mqtt_publish(text, %s, integer, boolean, text, jsonb)', payload);
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', target);
+        FOR g IN SELECT a.grantee, a.is_grantable FROM pg_catalog.aclexplode(acl::pg_catalog.aclitem[]) a
+                 WHERE a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE' LOOP
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s%s', target,
+                CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+    END LOOP;
+END
+$acl$;
+
 -- The view names its columns from now on; properties come after payload_text.
+-- CREATE OR REPLACE VIEW resets the view's options: a DBA's security_invoker (which makes
+-- row-level security on the history apply through the view) or security_barrier is put back.
+SELECT pg_catalog.set_config('mqtt_pg_update.view_options', c.reloptions::text, true)
+FROM pg_catalog.pg_class c
+WHERE c.oid OPERATOR(pg_catalog.=) '@extschema@.mqtt_message_history_text'::pg_catalog.regclass
+  AND c.reloptions IS NOT NULL;
 CREATE OR REPLACE VIEW @extschema@.mqtt_message_history_text AS
 SELECT h.id, h.broker_id, h.topic, h.payload, h.qos, h.retain, h.direction, h.message_id,
        h."timestamp", @extschema@.mqtt_payload_text(h.payload) AS payload_text, h.properties
 FROM @extschema@.mqtt_message_history h;
+DO $options$
+DECLARE
+    opts text := NULLIF(pg_catalog.current_setting('mqtt_pg_update.view_options', true), '');
+BEGIN
+    IF opts IS NOT NULL THEN
+        EXECUTE pg_catalog.format('ALTER VIEW @extschema@.mqtt_message_history_text SET (%s)',
+                                  pg_catalog.array_to_string(opts::text[], ', '));
+    END IF;
+END
+$options$;
 
 -- Dead letters keep their properties when requeued.
 CREATE OR REPLACE FUNCTION @extschema@.mqtt_requeue_dead_letter(dead_letter_id bigint)
@@ -134,9 +183,10 @@ $$;
 
 -- Request and response.
 CREATE FUNCTION @extschema@.mqtt_wait_for_reply(correlation_data bytea,
-                                                timeout interval DEFAULT '10 seconds')
+                                                timeout interval DEFAULT '10 seconds',
+                                                since timestamptz DEFAULT NULL)
 RETURNS @extschema@.mqtt_message_history
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_wait_for_reply';
-COMMENT ON FUNCTION @extschema@.mqtt_wait_for_reply(bytea, interval) IS
-  'Wait until a received message whose MQTT 5 correlation_data is this one is in mqtt_message_history (committed at any time, also after this transaction started) and return the newest such row; NULL after timeout.';
+COMMENT ON FUNCTION @extschema@.mqtt_wait_for_reply(bytea, interval, timestamptz) IS
+  'Wait until a received message whose MQTT 5 correlation_data is this one (stored at or after since, when given) is in mqtt_message_history (committed at any time, also after this transaction started) and return the newest such row; NULL after timeout.';

@@ -169,8 +169,10 @@ CREATE TABLE @extschema@.mqtt_message_history_default PARTITION OF @extschema@.m
 -- mqtt_wait_for_reply looks replies up by correlation data. Partial: only received messages
 -- that carry correlation data have an entry, so ingest of everything else pays only for the
 -- predicate. Made on the parent, so every partition (those the worker makes too) gets it.
+-- A hash index: correlation data may be up to 65,535 bytes (131,070 hex digits), far over a
+-- btree entry's limit of about 2.7 kB, and the look-up is by equality only.
 CREATE INDEX mqtt_message_history_correlation ON @extschema@.mqtt_message_history
-    ((properties OPERATOR(pg_catalog.->>) 'correlation_data'))
+    USING hash ((properties OPERATOR(pg_catalog.->>) 'correlation_data'))
     WHERE direction OPERATOR(pg_catalog.=) 'receive' AND properties OPERATOR(pg_catalog.?) 'correlation_data';
 COMMENT ON TABLE @extschema@.mqtt_message_history IS
   'Every message received (direction receive) and delivered (direction send). payload holds the exact bytes; see view mqtt_message_history_text for a text form. Partitioned by day; mqtt_pg.history_retention drops old days.';

@@ -242,9 +242,81 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Does every topic that `specific` matches also match `general`? Both must be valid filters;
+/// a shared subscription covers another only within the same group (`$share/G/a/#` covers
+/// `$share/G/a/b`), never a plain one or one of another group.
+///
+/// The engine subscribes only the filters no other wanted filter covers on an MQTT 5
+/// connection: an MQTT 5 broker may send a client one copy of a message per matching
+/// subscription (mosquitto does), where MQTT 3.1.1 asks for one copy in all.
+pub fn filter_covers(general: &str, specific: &str) -> bool {
+    if validate_filter(general).is_err() || validate_filter(specific).is_err() {
+        return false;
+    }
+    let (g, s) = match (split_shared(general), split_shared(specific)) {
+        (Shared::No(g), Shared::No(s)) => (g, s),
+        (Shared::Yes(g), Shared::Yes(s)) => {
+            let group = |f: &str| f.split('/').nth(1).map(str::to_string);
+            if group(general) != group(specific) {
+                return false;
+            }
+            (g, s)
+        }
+        _ => return false,
+    };
+    // Topics that start with '$' (all of them, if the specific filter's first level is such a
+    // literal) are not matched by a first-level wildcard.
+    if s.starts_with('$') && (g.starts_with('+') || g.starts_with('#')) {
+        return false;
+    }
+    let mut gl = g.split('/');
+    let mut sl = s.split('/');
+    loop {
+        match (gl.next(), sl.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn covers_examples() {
+        for (g, s) in [
+            ("#", "a/b"),
+            ("#", "#"),
+            ("a/#", "a"),
+            ("a/#", "a/b/#"),
+            ("a/+/c", "a/b/c"),
+            ("a/+/#", "a/+/c/d"),
+            ("+/+", "a/+"),
+            ("$SYS/#", "$SYS/broker/load"),
+            ("$share/g/a/#", "$share/g/a/b"),
+            ("a/b", "a/b"),
+        ] {
+            assert!(filter_covers(g, s), "{g} covers {s}");
+        }
+        for (g, s) in [
+            ("a/b", "a/#"),
+            ("a/+", "a/#"),
+            ("a", "a/#"),
+            ("#", "$SYS/x"),
+            ("+/x", "$SYS/x"),
+            ("a/+/c", "a/b/d"),
+            ("$share/g/#", "a/b"),
+            ("#", "$share/g/a"),
+            ("$share/g/#", "$share/h/a"),
+            ("a/b/c", "a/b"),
+        ] {
+            assert!(!filter_covers(g, s), "{g} does not cover {s}");
+        }
+    }
 
     // ---- validate_topic -------------------------------------------------
 
@@ -908,6 +980,21 @@ mod tests {
                 ref_matches(&filter, &topic),
                 "filter {:?}, topic {:?}", filter, topic
             );
+        }
+
+        #[test]
+        fn prop_covers_is_sound(
+            (g, t) in pair_strategy(),
+            s in filter_strategy(),
+        ) {
+            // A filter that covers another matches every topic the other matches.
+            if filter_covers(&g, &s) && filter_matches(&s, &t) {
+                prop_assert!(filter_matches(&g, &t), "{:?} covers {:?} but not {:?}", g, s, t);
+            }
+            // A valid filter covers itself.
+            if validate_filter(&s).is_ok() {
+                prop_assert!(filter_covers(&s, &s), "{:?}", s);
+            }
         }
 
         #[test]

@@ -327,3 +327,123 @@ fn session_expiry_decides_whether_the_session_survives() {
         }
     }
 }
+
+/// Overlapping filters on MQTT 5: mosquitto sends an MQTT 5 client one copy of a message per
+/// matching subscription, so the engine subscribes only the covering filter (at the higher
+/// QoS): one copy arrives. Dropping the covering filter subscribes the covered one.
+#[test]
+fn overlapping_filters_bring_one_copy() {
+    let broker = Broker::start();
+    let mut h = Harness::new(1024);
+    let cfg = config5(1, broker.port, "overlap");
+    let cid = cfg.client_id.clone();
+    h.connect(cfg);
+    h.subscribe(
+        &broker,
+        1,
+        &cid,
+        &[("eng/ok/ov/#", 0), ("eng/ok/ov/a/#", 1)],
+    );
+    let subscribed: Vec<(String, u8)> = broker
+        .sub_packets(&cid)
+        .into_iter()
+        .flat_map(|(_, p)| match p {
+            LoggedSub::Subscribe(v) => v,
+            LoggedSub::Unsubscribe(_) => Vec::new(),
+        })
+        .collect();
+    assert_eq!(subscribed, [("eng/ok/ov/#".to_string(), 1)]);
+    mosquitto_pub(
+        &broker,
+        &["-t", "eng/ok/ov/a/x", "-q", "1", "-m", "once"],
+        None,
+    );
+    mosquitto_pub(
+        &broker,
+        &["-t", "eng/ok/ov/b", "-q", "1", "-m", "other"],
+        None,
+    );
+    let events = h.wait_until("two messages", WAIT, |s| received(s).len() >= 2);
+    let late: Vec<Event> = h
+        .collect_for(Duration::from_millis(300))
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let got: Vec<(String, u8)> = received(&events)
+        .into_iter()
+        .chain(received(&late))
+        .map(|m| (m.topic.clone(), m.qos))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("eng/ok/ov/a/x".to_string(), 1),
+            ("eng/ok/ov/b".to_string(), 1)
+        ]
+    );
+    // Without the covering filter, the covered one is subscribed in its place.
+    h.subscribe(&broker, 1, &cid, &[("eng/ok/ov/a/#", 1)]);
+    mosquitto_pub(
+        &broker,
+        &["-t", "eng/ok/ov/a/y", "-q", "1", "-m", "after"],
+        None,
+    );
+    let events = h.wait_until("the message on the covered filter", WAIT, |s| {
+        received(s).iter().any(|m| m.topic == "eng/ok/ov/a/y")
+    });
+    assert_eq!(received(&events).len(), 1);
+}
+
+/// A broker that breaks the protocol in its CONNACK (Receive Maximum 0, Maximum Packet Size
+/// 0) or sends a topic alias we never allowed: the connection fails with the reason and is
+/// tried again, rather than stalling for ever, failing every write, or growing an alias table.
+/// No row is rejected for it.
+#[test]
+fn protocol_errors_of_the_broker_end_the_connection() {
+    let connacks: [(&str, Vec<u8>); 2] = [
+        ("Receive Maximum 0", vec![0, 0, 3, 0x21, 0, 0]),
+        ("Maximum Packet Size 0", vec![0, 0, 5, 0x27, 0, 0, 0, 0]),
+    ];
+    for (what, body) in connacks {
+        let fake = ScriptedBroker::start();
+        let mut h = Harness::new(1024);
+        h.engine()
+            .set_brokers(vec![config5(1, fake.port, "protoerr")]);
+        let (mut c, _) = fake.accept_connect();
+        c.send(RawPacket::new(0x20, body));
+        let events = h.wait_for("ConnectionLost", |e| {
+            matches!(e, Event::ConnectionLost { .. })
+        });
+        assert!(
+            matches!(events.last(), Some(Event::ConnectionLost { error, .. })
+                if error.contains("protocol error (reason code 130)")),
+            "{what}: {}",
+            describe(&events)
+        );
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Connected { .. })),
+            "{what}"
+        );
+        // And it is tried again.
+        let (_c2, _) = fake.accept_connect();
+    }
+    // A topic alias in a PUBLISH, which we never allowed (no Topic Alias Maximum announced).
+    let fake = ScriptedBroker::start();
+    let mut h = Harness::new(1024);
+    h.engine().set_brokers(vec![config5(1, fake.port, "alias")]);
+    let (mut c, _) = fake.accept_connect();
+    c.connack(false);
+    h.wait_for("Connected", |e| matches!(e, Event::Connected { .. }));
+    // PUBLISH QoS 0, topic "a/b", properties: Topic Alias (0x23) = 1, payload "x".
+    let mut body = vec![0, 3, b'a', b'/', b'b', 3, 0x23, 0, 1];
+    body.push(b'x');
+    c.send(RawPacket::new(0x30, body));
+    let events = h.wait_for("ConnectionLost", |e| {
+        matches!(e, Event::ConnectionLost { .. })
+    });
+    assert!(
+        matches!(events.last(), Some(Event::ConnectionLost { error, .. }) if error.contains("topic alias")),
+        "{}",
+        describe(&events)
+    );
+}

@@ -20,7 +20,9 @@
 //! Waiting. Between look-ups the backend sleeps on its latch for a few milliseconds, so query
 //! cancel, statement_timeout and termination end the wait at once (CHECK_FOR_INTERRUPTS before
 //! every look-up) and a waiting session costs one index probe per partition per interval. The
-//! look-up is the partial expression index `mqtt_message_history_correlation` (schema.sql).
+//! look-up is the partial expression index `mqtt_message_history_correlation` (schema.sql), in
+//! every day partition of the history unless `since` says from when replies count (then the
+//! partitions before it are pruned).
 
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -32,7 +34,7 @@ use crate::errors::{self, INVALID_PARAMETER};
 /// Pause between look-ups: short, as a reply usually comes within milliseconds, and longer
 /// once the wait has lasted a while, so that long waits in many sessions stay cheap.
 const FIRST_POLL_MS: i64 = 10;
-const LATER_POLL_MS: i64 = 20;
+const LATER_POLL_MS: i64 = 100;
 const FIRST_POLLS_FOR_US: i64 = 1_000_000;
 
 /// `mqtt_wait_for_reply(correlation_data bytea, timeout interval DEFAULT '10 seconds')
@@ -44,23 +46,34 @@ const FIRST_POLLS_FOR_US: i64 = 1_000_000;
 pub unsafe extern "C-unwind" fn mqtt_wait_for_reply(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: the function manager's call info for (bytea, interval), as declared.
-    let (correlation, timeout) = unsafe {
+    // SAFETY: the function manager's call info for (bytea, interval, timestamptz), as
+    // declared; `since` is read as the raw microseconds of a timestamptz.
+    let (correlation, timeout, since) = unsafe {
         (
             pgrx::pg_getarg::<Vec<u8>>(fcinfo, 0),
             pgrx::pg_getarg::<Interval>(fcinfo, 1),
+            pgrx::pg_getarg::<pg_sys::TimestampTz>(fcinfo, 2),
         )
     };
     let correlation = checked_correlation(correlation);
     let timeout_us = checked_timeout(timeout);
     let installed = catalog::installed_or_raise();
+    // With `since`, replies stored before it do not count (a request's correlation data
+    // reused, or a reply seeded in advance), and the day partitions before it are pruned at
+    // each look-up instead of probed.
     let sql = format!(
         "SELECT h FROM {schema}.mqtt_message_history h \
          WHERE h.direction OPERATOR(pg_catalog.=) 'receive' \
            AND h.properties OPERATOR(pg_catalog.?) 'correlation_data' \
            AND (h.properties OPERATOR(pg_catalog.->>) 'correlation_data') OPERATOR(pg_catalog.=) $1 \
+           {since} \
          ORDER BY h.\"timestamp\" DESC, h.id DESC LIMIT 1",
-        schema = installed.schema
+        schema = installed.schema,
+        since = if since.is_some() {
+            "AND h.\"timestamp\" OPERATOR(pg_catalog.>=) $2"
+        } else {
+            ""
+        }
     );
     // History keeps correlation data as lower-case hex (MessageProperties::to_json).
     let hex = mqtt_pg_core::properties::to_hex(&correlation);
@@ -73,8 +86,9 @@ pub unsafe extern "C-unwind" fn mqtt_wait_for_reply(
         // prepared here for one text argument and freed with the connection; every tuple
         // table is freed before the next look-up.
         unsafe {
-            let mut argtypes = [pg_sys::TEXTOID];
-            let plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, argtypes.as_mut_ptr());
+            let mut argtypes = [pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
+            let nargs = if since.is_some() { 2 } else { 1 };
+            let plan = pg_sys::SPI_prepare(sql.as_ptr(), nargs, argtypes.as_mut_ptr());
             if plan.is_null() {
                 errors::raise(
                     errors::NOT_IN_PREREQUISITE_STATE,
@@ -82,8 +96,11 @@ pub unsafe extern "C-unwind" fn mqtt_wait_for_reply(
                     None,
                 );
             }
-            let mut values = [hex.into_datum().expect("a text datum")];
-            let nulls = [b' ' as std::ffi::c_char];
+            let mut values = [
+                hex.into_datum().expect("a text datum"),
+                pg_sys::Datum::from(since.unwrap_or(0)),
+            ];
+            let nulls = [b' ' as std::ffi::c_char, b' ' as std::ffi::c_char];
             loop {
                 pgrx::check_for_interrupts!();
                 // Read-only with this snapshot exactly: rows committed up to now, whatever

@@ -15,7 +15,7 @@ import time
 import psycopg
 import pytest
 
-from harness import HOST, mosquitto_pub, mqtt_sub, unique, wait_for, wait_status
+from harness import HOST, PROTOCOL, mosquitto_pub, mqtt_sub, unique, wait_for, wait_status
 from test_security import is_superuser, odoo  # noqa: F401  (fixture)
 
 MSG = "public.mqtt_message_history"
@@ -213,16 +213,20 @@ def test_a_revoked_rule_ends_the_subscription_and_its_routing(pg, odoo, mosq, to
                   $f$ INSERT INTO public.devlog VALUES (pg_catalog.convert_from(m.payload, 'UTF8')) $f$""")
     d.execute("SELECT mqtt_subscribe(%s, 1, handler => 'dev_h(mqtt_message_history)')", (f"{topic}/dev/#",))
     o.execute("SELECT mqtt_subscribe(%s, 1)", (f"{topic}/#",))  # the owner's own, plain
-    wait_for(lambda: mosq.subscribed(cid, f"{topic}/dev/#") and mosq.subscribed(cid, f"{topic}/#"),
+    # (On MQTT 5 the broker gets only the covering filter, {topic}/#: see "MQTT 3.1.1 and MQTT 5"
+    # in the README; routing still goes by both subscriptions.)
+    wait_for(lambda: (PROTOCOL == "5" or mosq.subscribed(cid, f"{topic}/dev/#")) and mosq.subscribed(cid, f"{topic}/#"),
              message="both subscribed")
     mosquitto_pub(mosq.port, f"{topic}/dev/1", "before", qos=1)
     wait_for(lambda: o.execute("SELECT count(*) FROM devlog").fetchone()[0] == 1, message="routed")
 
     o.execute("DELETE FROM mqtt_access_control WHERE role_name = %s", (dev,))
     # mosquitto logs an UNSUBSCRIBE as "<client id> <filter>" (a SUBSCRIBE has the qos between)
-    wait_for(lambda: any(line.endswith(f" {cid} {topic}/dev/#") for line in mosq.log_text().splitlines()),
-             timeout=10, message="the revoked subscription unsubscribed at the broker")
-    status = o.execute("SELECT mqtt_status(%s)->>'last_error'", (broker,)).fetchone()[0]
+    if PROTOCOL != "5":
+        wait_for(lambda: any(line.endswith(f" {cid} {topic}/dev/#") for line in mosq.log_text().splitlines()),
+                 timeout=10, message="the revoked subscription unsubscribed at the broker")
+    status = wait_for(lambda: o.execute("SELECT mqtt_status(%s)->>'last_error'", (broker,)).fetchone()[0],
+                      message="the revoked subscription in the status")
     assert "is not subscribed" in status and dev in status, status
     mosquitto_pub(mosq.port, f"{topic}/dev/2", "after", qos=1)
     wait_for(lambda: o.execute("SELECT count(*) FROM mqtt_message_history WHERE topic = %s",

@@ -245,10 +245,27 @@ def insert_outbox(conn, broker_id, topic, payload, properties, age_s):
         (broker_id, topic, payload, properties, age_s)).fetchone()[0]
 
 
-def test_expired_rows_are_dead_lettered_others_sent_with_their_properties(conn, broker, mosq, topic):
+def test_properties_on_a_broker_now_on_3_1_1_are_dead_lettered(conn, broker, mosq, topic):
+    """A row queued with properties while its broker was on MQTT 5 (or requeued onto a 3.1.1
+    broker) cannot go out as it is: it goes to the dead letters with the reason, rather than
+    out without its response topic or expiry; a row without properties goes out."""
+    t = f"{topic}/downgraded"
+    with mqtt_sub(mosq.port, t, qos=1) as sub:
+        with conn.transaction():
+            insert_outbox(conn, broker.id, t, "with", json.dumps({"response_topic": "r/1"}), 0)
+            insert_outbox(conn, broker.id, t, "without", None, 0)
+            conn.execute("SELECT _mqtt_pg_wake(1)")
+        assert [m[1] for m in sub.wait_count(1)] == [b"without"]
+    [(error, props)] = wait_for(lambda: conn.execute(
+        "SELECT error, properties FROM mqtt_dead_letter WHERE topic = %s", (t,)).fetchall(), message="dead letter")
+    assert "protocol_version is now 3.1.1" in error and props == {"response_topic": "r/1"}
+
+
+def test_expired_rows_are_dead_lettered_others_sent_with_their_properties(conn, make_broker, mosq, topic):
     """Rows written into the outbox directly (as an old publish that waited): the worker sends
     what is left of message_expiry, dead-letters the expired and the unreadable, and history
-    and dead letters keep the row's properties. Works whatever the connection's protocol."""
+    and dead letters keep the row's properties."""
+    broker = make_broker(protocol_version="5")
     t = f"{topic}/expiry"
     fresh = {"message_expiry": 3600, "user_properties": [["k", "v"]]}
     with mqtt_sub(mosq.port, t, qos=1) as sub:
@@ -516,7 +533,23 @@ def test_wait_for_reply_bad_input(conn, corr, timeout, words):
 
 def test_wait_for_reply_default_timeout_is_in_the_signature(conn):
     args = conn.execute("SELECT pg_get_function_arguments('mqtt_wait_for_reply'::regproc)").fetchone()[0]
-    assert args == "correlation_data bytea, timeout interval DEFAULT '00:00:10'::interval"
+    assert args == ("correlation_data bytea, timeout interval DEFAULT '00:00:10'::interval, "
+                    "since timestamp with time zone DEFAULT NULL::timestamp with time zone")
+
+
+def test_wait_for_reply_since_ignores_older_replies(conn, make_broker, topic):
+    """With `since`, a reply stored before it does not count (correlation data reused, or a
+    reply sent in advance): the look-up finds only what came at or after it."""
+    b = make_broker(start=False)
+    corr = unique("since").encode()
+    old = insert_reply(conn, b.id, f"{topic}/old", corr, age_s=86400)
+    assert conn.execute(WAIT, (corr, "0")).fetchone()[0] == old, "without since, any age counts"
+    since = conn.execute("SELECT now()").fetchone()[0]
+    waited = "SELECT (r).id FROM (SELECT mqtt_wait_for_reply(%s, %s, %s) r) x"
+    assert conn.execute(waited, (corr, "0", since)).fetchone()[0] is None
+    new = insert_reply(conn, b.id, f"{topic}/new", corr)
+    assert conn.execute(waited, (corr, "2 seconds", since)).fetchone()[0] == new
+    assert conn.execute(waited, (corr, "0", None)).fetchone()[0] == new
 
 
 def test_wait_for_reply_uses_the_correlation_index(conn, make_broker, topic):

@@ -39,6 +39,8 @@ enum Sent {
 struct Book {
     /// Filters the worker wants, with their QoS.
     wanted_subs: BTreeMap<String, u8>,
+    /// MQTT 5: the broker may send a copy per matching subscription (see `to_subscribe`).
+    one_copy_per_filter: bool,
     /// Subscription changes rumqttc's request channel has not taken yet: it is full while a
     /// backlog is being published, and a change must never be dropped for that. They go first
     /// whenever the channel has room.
@@ -105,6 +107,17 @@ impl Book {
                         ""
                     }
                 ))
+            } else if c.protocol == Protocol::V311
+                && m.properties.as_ref().is_some_and(|p| !p.is_empty())
+            {
+                // Queued while the broker was on MQTT 5 (or requeued onto a 3.1.1 one): 3.1.1
+                // cannot carry them, and sending the message without them would drop a
+                // response topic or an expiry without a word.
+                Some(
+                    "the message has MQTT 5 properties, but the broker's protocol_version is now \
+                     3.1.1, which cannot carry them"
+                        .to_string(),
+                )
             } else {
                 // Rows inserted into mqtt_outbox by hand skip mqtt_publish's checks.
                 crate::topic::validate_topic(&m.topic)
@@ -199,21 +212,57 @@ impl Book {
     }
 
     fn apply_subscriptions(&mut self, client: &Client, subs: BTreeMap<String, u8>) {
-        let old = std::mem::replace(&mut self.wanted_subs, subs);
+        let old = self.to_subscribe();
+        self.wanted_subs = subs;
         if !self.connected {
             return; // everything is subscribed at the next CONNACK
         }
-        for f in old.keys().filter(|f| !self.wanted_subs.contains_key(*f)) {
+        let new = self.to_subscribe();
+        for f in old.keys().filter(|f| !new.contains_key(*f)) {
             self.sub_pending.remove(f);
             self.unsub_pending.insert(f.clone());
         }
-        for (f, q) in &self.wanted_subs {
+        for (f, q) in &new {
             if old.get(f) != Some(q) {
                 self.unsub_pending.remove(f);
                 self.sub_pending.insert(f.clone(), *q);
             }
         }
         self.flush_subscriptions(client);
+    }
+
+    /// The filters to subscribe at the broker for the wanted ones. On MQTT 3.1.1 all of them:
+    /// the broker sends one copy of a message however many of a client's filters match it.
+    /// An MQTT 5 broker may send one copy per matching subscription instead (mosquitto does,
+    /// MQTT 5.0, 3.3.4), which would store a message twice under overlapping filters
+    /// (`plant/#` and `plant/line1/#`). So on MQTT 5 only the filters that no other wanted
+    /// filter covers are subscribed, each at the highest QoS of those it covers: the same
+    /// messages arrive, once each, and the worker routes each to every subscription whose
+    /// filter matches, as it always does.
+    fn to_subscribe(&self) -> BTreeMap<String, u8> {
+        if !self.one_copy_per_filter {
+            return self.wanted_subs.clone();
+        }
+        let covers = crate::topic::filter_covers;
+        let wanted = &self.wanted_subs;
+        let covered_by_another = |f: &String| {
+            wanted
+                .keys()
+                .any(|g| g != f && covers(g, f) && (!covers(f, g) || g < f))
+        };
+        wanted
+            .keys()
+            .filter(|f| !covered_by_another(f))
+            .map(|k| {
+                let qos = wanted
+                    .iter()
+                    .filter(|(f, _)| *f == k || covers(k, f))
+                    .map(|(_, q)| *q)
+                    .max()
+                    .unwrap_or(0);
+                (k.clone(), qos)
+            })
+            .collect()
     }
 
     /// Bookkeeping for one rumqttc event; what the worker must hear goes into `out`.
@@ -237,7 +286,7 @@ impl Book {
                 // Subscribing again on a resumed session is harmless; skipping it after a lost
                 // session is the classic "silent after a broker restart" bug.
                 self.unsub_pending.clear();
-                self.sub_pending = self.wanted_subs.clone();
+                self.sub_pending = self.to_subscribe();
                 self.flush_subscriptions(client);
             }
             Wire::Publish {
@@ -474,6 +523,7 @@ pub(super) async fn run_broker(
     let book = Arc::new(Mutex::new(Book {
         generation: emitter.generation,
         birth: birth(&config),
+        one_copy_per_filter: config.protocol == Protocol::V5,
         ..Book::default()
     }));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -654,7 +704,7 @@ async fn leave_shared_groups(
     emitter: &Emitter,
 ) {
     let shared: Vec<String> = lock(book)
-        .wanted_subs
+        .to_subscribe()
         .keys()
         .filter(|f| f.starts_with("$share/"))
         .cloned()

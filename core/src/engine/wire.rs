@@ -469,7 +469,13 @@ fn wire5(ev: v5::Event) -> Wire {
     match ev {
         v5::Event::Incoming(Packet::ConnAck(a)) => Wire::ConnAck {
             session_present: a.session_present,
-            max_packet_size: a.properties.as_ref().and_then(|p| p.max_packet_size),
+            // 0 is not a size a broker may announce (MQTT 5, 3.2.2.3.6): ignored, rather than
+            // refusing every row as too large.
+            max_packet_size: a
+                .properties
+                .as_ref()
+                .and_then(|p| p.max_packet_size)
+                .filter(|n| *n > 0),
             code: format!("{:?}", a.code),
         },
         v5::Event::Incoming(Packet::Publish(p)) => Wire::Publish {

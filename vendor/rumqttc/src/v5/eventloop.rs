@@ -434,6 +434,14 @@ async fn mqtt_connect(
                 if let Some(keep_alive) = props.server_keep_alive {
                     options.keep_alive = Duration::from_secs(keep_alive as u64);
                 }
+                // mqtt_pg patch: Maximum Packet Size 0 (3.2.2.3.6) and Receive Maximum 0
+                // (3.2.2.3.3) are protocol errors; taken as limits they made every write fail
+                // or stopped every request for ever.
+                if props.max_packet_size == Some(0) || props.receive_max == Some(0) {
+                    return Err(ConnectionError::ConnectionRefused(
+                        ConnectReturnCode::ProtocolError,
+                    ));
+                }
                 network.set_max_outgoing_size(props.max_packet_size);
 
                 // Override local session_expiry_interval value if set by server.

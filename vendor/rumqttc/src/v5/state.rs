@@ -106,6 +106,8 @@ pub struct MqttState {
     topic_alises: HashMap<u16, Bytes>,
     /// `topic_alias_maximum` RECEIVED via connack packet
     pub broker_topic_alias_max: u16,
+    /// mqtt_pg patch: the Topic Alias Maximum we announce (0: none, the default).
+    pub max_incoming_topic_alias: u16,
     /// Maximum number of allowed inflight QoS1 & QoS2 requests
     pub(crate) max_outgoing_inflight: u16,
     /// Upper limit on the maximum number of allowed inflight QoS1 & QoS2 requests
@@ -135,6 +137,7 @@ impl MqttState {
             topic_alises: HashMap::new(),
             // Set via CONNACK
             broker_topic_alias_max: 0,
+            max_incoming_topic_alias: 0,
             max_outgoing_inflight: max_inflight,
             max_outgoing_inflight_upper_limit: max_inflight,
         }
@@ -276,11 +279,22 @@ impl MqttState {
             }
 
             if let Some(max_inflight) = props.receive_max {
+                // (Receive Maximum 0 is refused before this, in `mqtt_connect`: mqtt_pg patch.)
                 self.max_outgoing_inflight =
                     max_inflight.min(self.max_outgoing_inflight_upper_limit);
                 // FIXME: Maybe resize the pubrec and pubrel queues here
                 // to save some space.
             }
+        }
+        // mqtt_pg patch: a CONNACK without Receive Maximum means 65,535 (the upper limit
+        // here), not whatever the previous connection's broker said.
+        if connack
+            .properties
+            .as_ref()
+            .and_then(|p| p.receive_max)
+            .is_none()
+        {
+            self.max_outgoing_inflight = self.max_outgoing_inflight_upper_limit;
         }
         Ok(None)
     }
@@ -314,6 +328,14 @@ impl MqttState {
             None => None,
         };
 
+        // mqtt_pg patch: we announce no Topic Alias Maximum, so a broker may send no alias
+        // (MQTT 5, 3.3.2.3.4); storing them let a hostile broker grow this table without bound.
+        if topic_alias.is_some() && self.max_incoming_topic_alias == 0 {
+            return Err(StateError::InvalidAlias {
+                alias: topic_alias.unwrap_or(0),
+                max: 0,
+            });
+        }
         if !publish.topic.is_empty() {
             if let Some(alias) = topic_alias {
                 self.topic_alises.insert(alias, publish.topic.clone());
