@@ -118,6 +118,11 @@ impl MessageProperties {
                 ))
             }
         };
+        if p.correlation_data.as_ref().is_some_and(Vec::is_empty) {
+            // mqtt_wait_for_reply refuses empty correlation data: a request carrying it could
+            // never be matched to its reply.
+            return Err("correlation_data must not be empty".to_string());
+        }
         if p.correlation_data
             .as_ref()
             .is_some_and(|c| c.len() > MAX_FIELD)
@@ -416,6 +421,10 @@ mod tests {
             (json!({"response_topic": ""}), "invalid response_topic"),
             (json!({"correlation_data": "abc"}), "correlation_data"),
             (json!({"correlation_data": "zz"}), "correlation_data"),
+            (
+                json!({"correlation_data": ""}),
+                "correlation_data must not be empty",
+            ),
             (json!({"content_type": "a\u{0}b"}), "NUL"),
             (json!({"user_properties": {"a": "b"}}), "user_properties"),
             (json!({"user_properties": [["a"]]}), "pair"),
@@ -529,7 +538,7 @@ mod tests {
         fn json_round_trips(
             ct in proptest::option::of("[a-z/]{1,20}"),
             exp in proptest::option::of(1u32..),
-            corr in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            corr in proptest::option::of(proptest::collection::vec(any::<u8>(), 1..40)),
             users in proptest::collection::vec(("[^\u{0}]{0,8}", "[^\u{0}]{0,8}"), 0..4),
             utf8 in any::<bool>(),
         ) {

@@ -199,7 +199,10 @@ fn write(full: bool) -> bool {
     let qos: Vec<i16> = rows.iter().map(|r| r.qos).collect();
     let retain: Vec<bool> = rows.iter().map(|r| r.retain).collect();
     // Properties are rare: a statement without them keeps the six-array INSERT, so the
-    // common bulk publish does not pay for a seventh array of NULLs and its cast.
+    // common bulk publish does not pay for a seventh array of NULLs and its cast. With them,
+    // created_at is the moment the rows are written (at the end of the statement that queued
+    // them), not the transaction's start (now()): a message_expiry counts from there, so the
+    // work a transaction did before it published does not use it up.
     let properties: Option<Vec<Option<&str>>> = rows
         .iter()
         .any(|r| r.properties.is_some())
@@ -242,8 +245,8 @@ fn write(full: bool) -> bool {
             let sql = || {
                 if with_properties {
                     format!(
-                        "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain, properties) \
-                         SELECT i, b, t, p, q, r, j::pg_catalog.jsonb \
+                        "INSERT INTO {schema}.mqtt_outbox (id, broker_id, topic, payload, qos, retain, properties, created_at) \
+                         SELECT i, b, t, p, q, r, j::pg_catalog.jsonb, pg_catalog.clock_timestamp() \
                          FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), \
                            pg_catalog.unnest($3), pg_catalog.unnest($4), \
                            pg_catalog.unnest($5), pg_catalog.unnest($6), \

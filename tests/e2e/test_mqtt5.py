@@ -245,6 +245,20 @@ def insert_outbox(conn, broker_id, topic, payload, properties, age_s):
         (broker_id, topic, payload, properties, age_s)).fetchone()[0]
 
 
+def test_message_expiry_counts_from_the_call(conn, make_broker, mosq, topic):
+    """A transaction that worked for 3 s before its mqtt_publish does not use up a
+    message_expiry of 2 s: a row with properties gets its created_at when it is queued, not
+    at the transaction's start (now())."""
+    b = make_broker(protocol_version="5")
+    t = f"{topic}/expiry-call"
+    with mqtt_sub(mosq.port, t, qos=1) as sub:
+        with conn.transaction():
+            conn.execute("SELECT pg_sleep(3)")  # the work the transaction did before publishing
+            conn.execute("SELECT mqtt_publish(%s, 'late', 1, false, %s, '{\"message_expiry\": 2}')", (t, b.name))
+        assert [m[1] for m in sub.wait_count(1)] == [b"late"]
+    assert conn.execute("SELECT count(*) FROM mqtt_dead_letter WHERE topic = %s", (t,)).fetchone()[0] == 0
+
+
 def test_properties_on_a_broker_now_on_3_1_1_are_dead_lettered(conn, broker, mosq, topic):
     """A row queued with properties while its broker was on MQTT 5 (or requeued onto a 3.1.1
     broker) cannot go out as it is: it goes to the dead letters with the reason, rather than
