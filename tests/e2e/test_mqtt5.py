@@ -718,6 +718,10 @@ def test_hostile_role(pg, conn, make_broker, topic, plain_role):
         # and its own reads stay its own: no outbox access
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT properties FROM mqtt_outbox")
+        # the broker's MQTT 5 settings are the database owner's to set, not a publishing role's
+        for setting in ("protocol_version = '3.1.1'", "receive_maximum = 1", "session_expiry = 0"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(f"UPDATE mqtt_broker SET {setting} WHERE id = %s", (b.id,))
         # correlation data is a value, never SQL
         for corr in (b"'; DROP TABLE mqtt_outbox; --", b"\x00\x01\xff", b"%s%s%n"):
             assert c.execute(WAIT, (corr, "0")).fetchone() == (None, None, None, None)

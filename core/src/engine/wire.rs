@@ -531,36 +531,32 @@ pub(super) mod reasons {
         format!("{name} (reason code {code})")
     }
 
+    /// PUBACK and PUBREC carry the same reason codes, in two enums of the same variants.
+    macro_rules! publish_reason {
+        ($r:expr, $R:ident) => {{
+            use p5::$R as R;
+            let (name, code) = match $r {
+                R::Success | R::NoMatchingSubscribers => return None,
+                R::UnspecifiedError => ("unspecified error", 0x80),
+                R::ImplementationSpecificError => ("implementation specific error", 0x83),
+                R::NotAuthorized => ("not authorized", 0x87),
+                R::TopicNameInvalid => ("topic name invalid", 0x90),
+                R::PacketIdentifierInUse => ("packet identifier in use", 0x91),
+                R::QuotaExceeded => ("quota exceeded", 0x97),
+                R::PayloadFormatInvalid => ("payload format invalid", 0x99),
+            };
+            Some(named(name, code))
+        }};
+    }
+
     /// A PUBACK's failure reason; `None` for a success (0x10 "no matching subscribers" is one).
     pub(in crate::engine) fn puback(r: p5::PubAckReason) -> Option<String> {
-        use p5::PubAckReason as R;
-        let (name, code) = match r {
-            R::Success | R::NoMatchingSubscribers => return None,
-            R::UnspecifiedError => ("unspecified error", 0x80),
-            R::ImplementationSpecificError => ("implementation specific error", 0x83),
-            R::NotAuthorized => ("not authorized", 0x87),
-            R::TopicNameInvalid => ("topic name invalid", 0x90),
-            R::PacketIdentifierInUse => ("packet identifier in use", 0x91),
-            R::QuotaExceeded => ("quota exceeded", 0x97),
-            R::PayloadFormatInvalid => ("payload format invalid", 0x99),
-        };
-        Some(named(name, code))
+        publish_reason!(r, PubAckReason)
     }
 
     /// A PUBREC's failure reason; `None` for a success.
     pub(in crate::engine) fn pubrec(r: p5::PubRecReason) -> Option<String> {
-        use p5::PubRecReason as R;
-        let (name, code) = match r {
-            R::Success | R::NoMatchingSubscribers => return None,
-            R::UnspecifiedError => ("unspecified error", 0x80),
-            R::ImplementationSpecificError => ("implementation specific error", 0x83),
-            R::NotAuthorized => ("not authorized", 0x87),
-            R::TopicNameInvalid => ("topic name invalid", 0x90),
-            R::PacketIdentifierInUse => ("packet identifier in use", 0x91),
-            R::QuotaExceeded => ("quota exceeded", 0x97),
-            R::PayloadFormatInvalid => ("payload format invalid", 0x99),
-        };
-        Some(named(name, code))
+        publish_reason!(r, PubRecReason)
     }
 
     /// A SUBACK entry's failure reason; `None` when the subscription was granted.
